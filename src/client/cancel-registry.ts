@@ -1,0 +1,39 @@
+/**
+ * Gateway-issued cancel keys. Each client gets its own (process id, secret) pair; a CancelRequest
+ * is matched here and turned into a cancel of whatever server connection that client is using.
+ */
+import { randomBytes, randomInt, timingSafeEqual } from 'node:crypto';
+
+export interface Cancellable {
+  cancelRunningQuery(): void;
+}
+
+export class CancelRegistry {
+  private readonly byPid = new Map<number, { key: Buffer; target: Cancellable }>();
+
+  /** Issues a fresh key; `keyLength` is 4 for protocol 3.0 and up to 256 for 3.2. */
+  register(target: Cancellable, keyLength = 4): { processId: number; secretKey: Buffer } {
+    let processId: number;
+    do processId = randomInt(1, 0x7fffffff);
+    while (this.byPid.has(processId));
+    const key = randomBytes(keyLength);
+    this.byPid.set(processId, { key, target });
+    return { processId, secretKey: key };
+  }
+
+  unregister(processId: number): void {
+    this.byPid.delete(processId);
+  }
+
+  /** Returns true when the key matched (the request is then acted on). */
+  cancel(processId: number, secretKey: Buffer): boolean {
+    const entry = this.byPid.get(processId);
+    if (!entry || entry.key.length !== secretKey.length || !timingSafeEqual(entry.key, secretKey)) return false;
+    entry.target.cancelRunningQuery();
+    return true;
+  }
+
+  get size(): number {
+    return this.byPid.size;
+  }
+}

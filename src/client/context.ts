@@ -1,0 +1,29 @@
+/** What a client session needs from the gateway around it (kept narrow to avoid cycles). */
+import type tls from 'node:tls';
+import type { Config } from '../config/schema.js';
+import type { Logger } from '../log/logger.js';
+import type { CancelRegistry } from './cancel-registry.js';
+import type { SecretStore } from '../auth/secrets.js';
+import type { Pool } from '../pool/pool.js';
+import type { ServerConnection } from '../server/server-connection.js';
+import type { ClientSession } from './session.js';
+
+export interface SessionContext {
+  readonly config: Config;
+  readonly log: Logger;
+  readonly cancels: CancelRegistry;
+  readonly secrets: SecretStore;
+  readonly tlsContext: tls.SecureContext | null;
+  readonly draining: boolean;
+  readonly adminDatabase: string;
+  /** Counts the client against max_client_connections; false when full. */
+  admitClient(session: ClientSession): boolean;
+  sessionClosed(session: ClientSession): void;
+  poolFor(database: string, user: string): Pool;
+  /** Which database secrets for admin-console users are looked up in. */
+  secretsDatabase(database: string): string;
+  adminParameters(): Map<string, string>;
+  runAdminCommand(sql: string, session: ClientSession): Buffer;
+  /** Sends a CancelRequest for `server` on a new connection. */
+  sendCancel(server: ServerConnection): void;
+}

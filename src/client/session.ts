@@ -1,0 +1,949 @@
+/**
+ * One client connection: prologue, authentication, login, then the relay between the client and
+ * the server connections its pool lends it.
+ *
+ * Session mode: one server for the client's lifetime, bytes forwarded as they come.
+ * Transaction mode: a server is borrowed at the first message and returned at the ReadyForQuery
+ * that ends the last outstanding request outside a transaction. Protocol-level named prepared
+ * statements are renamed per SQL text, prepared on demand on whichever server the client gets,
+ * and their responses are kept in order by a small queue of expected replies. Statements that
+ * leave session state behind pin the client to its server until it disconnects; the server is
+ * then reset before anyone else gets it.
+ */
+import type { Socket } from 'node:net';
+import { createHash } from 'node:crypto';
+import { Backend, Frontend, PROTOCOL_3_2, TxStatus } from '../protocol/constants.js';
+import { FramingError, MessageFramer } from '../protocol/framer.js';
+import {
+  authenticationOk,
+  backendKeyData,
+  closeComplete,
+  errorResponse,
+  negotiateProtocolVersion,
+  noticeResponse,
+  parameterStatus,
+  parseComplete,
+  readyForQuery,
+  decodeParameterStatus,
+  decodeError,
+} from '../protocol/backend.js';
+import {
+  closeMessage,
+  decodeBindNames,
+  decodeParse,
+  decodeQuery,
+  decodeTarget,
+  describeMessage,
+  MalformedMessageError,
+  queryMessage,
+  rewriteBind,
+  rewriteParse,
+} from '../protocol/frontend.js';
+import { StartupError } from '../protocol/startup.js';
+import { PgError, SqlState } from '../protocol/sqlstate.js';
+import { runPrologue, type StartupMessage } from './prologue.js';
+import { OutBatch } from './out-batch.js';
+import { authenticateClient, type AuthChannel } from '../auth/client-auth.js';
+import { classifySql } from '../sql/classify.js';
+import { nextConnectionId, type Logger } from '../log/logger.js';
+import type { ServerConnection } from '../server/server-connection.js';
+import type { Pool, PoolWaiter } from '../pool/pool.js';
+import type { SessionContext } from './context.js';
+
+const enum Phase {
+  Prologue,
+  Auth,
+  Ready,
+  Closed,
+}
+
+/** What a request sent to the server is answered with (see onServerMessage). */
+const enum Expect {
+  Query = 1, // simple Query or FunctionCall: everything up to ReadyForQuery
+  Sync,
+  Parse,
+  Bind,
+  Describe,
+  Execute,
+  Close,
+  /** No server reply: the gateway answers with `payload` when this reaches the head. */
+  Synthetic,
+}
+
+const FORWARD = 0;
+const SWALLOW = 1;
+
+/** Parameters reported by PostgreSQL that a client may set at startup and expects to keep. */
+const STARTUP_PARAMS_NOT_FORWARDED = new Set(['user', 'database', 'replication', 'options']);
+
+interface ClientStatement {
+  serverName: string;
+  /** The Parse message under the server name, to prepare it on any server that lacks it. */
+  parse: Buffer;
+}
+
+export class ClientSession implements PoolWaiter {
+  readonly id = nextConnectionId('c');
+  readonly connectedAt = Date.now();
+  private phase = Phase.Prologue;
+  private socket: Socket;
+  private readonly log: Logger;
+  user = '';
+  database = '';
+  applicationName = '';
+  remote: string;
+  tls = false;
+  private protocolMinor = 0;
+  pool: Pool | null = null;
+  private admin = false;
+  server: ServerConnection | null = null;
+  private waitingForServer = false;
+  private backlog: Buffer[] = [];
+  private readonly framer: MessageFramer;
+  private readonly toServer = new OutBatch();
+  private readonly toClient = new OutBatch();
+  private cancelKey: { processId: number; secretKey: Buffer } | null = null;
+  private desiredParams = new Map<string, string>();
+  private startupTimer: NodeJS.Timeout | null = null;
+  // --- transaction-mode bookkeeping ---
+  private transactionMode = false;
+  private readonly statements = new Map<string, ClientStatement>();
+  private expectKind: number[] = [];
+  private expectAction: number[] = [];
+  private expectPayload: (Buffer | null)[] = [];
+  private expectHead = 0;
+  private pendingSyncs = 0;
+  private unsynced = false;
+  private discardUntilSync = false;
+  private releasePending = false;
+  pinnedReason: string | null = null;
+  /** Set by gateway-injected queries that failed, reported to the client once. */
+  private injectedError: string | null = null;
+  private authReceive: ((m: { type: number; buf: Buffer; start: number; end: number }) => void) | null = null;
+  private authQueue: { type: number; buf: Buffer; start: number; end: number }[] = [];
+  stats = { queries: 0, bytesIn: 0, bytesOut: 0 };
+
+  constructor(
+    socket: Socket,
+    private readonly ctx: SessionContext,
+  ) {
+    this.socket = socket;
+    this.remote = `${socket.remoteAddress}:${socket.remotePort}`;
+    this.log = ctx.log.child({ conn: this.id });
+    this.framer = new MessageFramer(ctx.config.limits.max_message_bytes);
+  }
+
+  get state(): string {
+    if (this.phase !== Phase.Ready) return ['prologue', 'auth', 'ready', 'closed'][this.phase];
+    if (this.waitingForServer) return 'waiting';
+    return this.server ? 'active' : 'idle';
+  }
+
+  /** Runs the whole connection; resolves when it is closed. */
+  async start(): Promise<void> {
+    this.socket.setNoDelay(true);
+    this.socket.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
+    this.startupTimer = setTimeout(() => {
+      this.fatal(new PgError(SqlState.ProtocolViolation, 'canceling authentication due to timeout', 'FATAL'));
+    }, this.ctx.config.limits.startup_timeout_ms);
+    try {
+      const result = await runPrologue(this.socket, { tlsContext: this.ctx.tlsContext, requestCert: false });
+      if (this.phase === Phase.Closed) return;
+      if (result.kind === 'cancel') {
+        this.clearStartupTimer();
+        const matched = this.ctx.cancels.cancel(result.cancel.processId, result.cancel.secretKey);
+        this.log.info({ remote: this.remote, matched }, 'cancel request');
+        this.phase = Phase.Closed;
+        result.socket.destroy();
+        return;
+      }
+      this.socket = result.socket;
+      this.tls = result.tls;
+      if (this.socket !== result.socket) this.socket.on('error', () => undefined);
+      await this.login(result.startup, result.leftover);
+    } catch (err) {
+      this.fatal(toPgError(err));
+    }
+  }
+
+  private clearStartupTimer(): void {
+    if (this.startupTimer) clearTimeout(this.startupTimer);
+    this.startupTimer = null;
+  }
+
+  // ---------------------------------------------------------------- login
+
+  private async login(startup: StartupMessage, leftover: Buffer | null): Promise<void> {
+    const cfg = this.ctx.config;
+    this.socket.on('error', () => undefined);
+    this.socket.on('close', () => this.onClientClosed());
+    this.user = startup.params.get('user') ?? '';
+    this.database = startup.params.get('database') || this.user;
+    this.applicationName = startup.params.get('application_name') ?? '';
+    if (startup.params.has('replication')) {
+      throw new PgError(SqlState.FeatureNotSupported, 'replication connections are not supported by trustgate', 'FATAL');
+    }
+    if (!this.user) throw new PgError(SqlState.InvalidAuthorizationSpecification, 'no PostgreSQL user name specified in startup packet', 'FATAL');
+    if (cfg.tls.mode === 'require' && !this.tls) {
+      throw new PgError(SqlState.InvalidAuthorizationSpecification, 'SSL is required: connect with sslmode=require or stronger', 'FATAL');
+    }
+    if (this.ctx.draining) throw new PgError(SqlState.CannotConnectNow, 'the gateway is shutting down', 'FATAL');
+    if (!this.ctx.admitClient(this)) {
+      throw new PgError(SqlState.TooManyConnections, `sorry, too many clients already (max_client_connections = ${cfg.pool.max_client_connections})`, 'FATAL');
+    }
+    // Protocol 3.0 and 3.2 are spoken; other minors and all _pq_ options are declined.
+    this.protocolMinor = startup.minor === 2 ? 2 : 0;
+    if (startup.minor !== this.protocolMinor || startup.options.size > 0) {
+      this.socket.write(negotiateProtocolVersion(Math.min(startup.minor, 2) === 2 ? 2 : 0, [...startup.options.keys()]));
+    }
+    this.desiredParams = startupParamsToSet(startup.params);
+    this.log.info({ remote: this.remote, user: this.user, db: this.database, tls: this.tls, app: this.applicationName }, 'client connected');
+
+    // Authentication messages are read through the framer from here on.
+    this.phase = Phase.Auth;
+    this.socket.on('data', (chunk: Buffer) => this.onClientData(chunk));
+    if (leftover) this.onClientData(leftover);
+    this.socket.resume();
+
+    this.admin = this.database === this.ctx.adminDatabase;
+    if (this.admin && !cfg.admin_users.includes(this.user)) {
+      throw new PgError(SqlState.InsufficientPrivilege, `user "${this.user}" is not allowed to use the admin console`, 'FATAL');
+    }
+    const secret = cfg.auth.method === 'trust' ? null : await this.ctx.secrets.lookup(this.user, this.admin ? this.ctx.secretsDatabase(this.database) : this.database);
+    const channel: AuthChannel = {
+      send: (m) => this.socket.write(m),
+      receive: () =>
+        new Promise((resolve) => {
+          const next = this.authQueue.shift();
+          if (next) resolve(next);
+          else this.authReceive = resolve;
+        }),
+    };
+    const credentials = await authenticateClient(channel, cfg.auth.method, this.user, secret);
+    if ((this.phase as Phase) === Phase.Closed) return;
+    this.log.info({ user: this.user, db: this.database, method: cfg.auth.method }, 'client authenticated');
+
+    if (this.admin) {
+      this.finishLogin(this.ctx.adminParameters());
+      return;
+    }
+    const pool = this.ctx.poolFor(this.database, this.user);
+    this.pool = pool;
+    this.transactionMode = pool.settings.mode === 'transaction';
+    if (credentials.scramKeys || credentials.md5Hash || credentials.password !== undefined) pool.credentials = credentials;
+    // Borrow a server once at login: it proves the server accepts this user and database,
+    // applies the client's startup parameters (errors surface as FATAL like on a direct login),
+    // and gives the parameter values reported to the client.
+    this.phase = Phase.Ready;
+    this.socket.pause();
+    this.waitingForServer = true;
+    pool.acquire(this);
+  }
+
+  private loginServerReady(server: ServerConnection): void {
+    // Apply the startup parameters synchronously-looking: run them as an internal query.
+    const sets = this.paramSyncSql(server);
+    const done = () => {
+      const params = new Map(this.pool!.serverParams);
+      for (const [k, v] of server.params) params.set(k, v);
+      this.finishLogin(params);
+      if (this.transactionMode) this.unlink(false);
+      this.processBacklog();
+    };
+    if (!sets) {
+      this.link(server);
+      done();
+      return;
+    }
+    server.internalQuery(sets).then(
+      () => {
+        if (this.phase === Phase.Closed) {
+          this.pool!.release(server, true);
+          return;
+        }
+        this.markParamsApplied(server);
+        this.link(server);
+        done();
+      },
+      (err: Error & { serverError?: { code: string; message: string } }) => {
+        this.pool!.release(server, true);
+        const e = err.serverError;
+        this.fatal(new PgError(e?.code ?? SqlState.ConnectionFailure, e?.message ?? err.message, 'FATAL'));
+      },
+    );
+  }
+
+  private finishLogin(serverParams: Map<string, string>): void {
+    this.clearStartupTimer();
+    const out = new OutBatch();
+    out.message(authenticationOk());
+    for (const [k, v] of serverParams) {
+      const own = this.desiredParams.get(k);
+      out.message(parameterStatus(k, own ?? v));
+    }
+    this.cancelKey = this.ctx.cancels.register(this, this.protocolMinor >= 2 ? 32 : 4);
+    out.message(backendKeyData(this.cancelKey.processId, this.cancelKey.secretKey));
+    out.message(readyForQuery(TxStatus.Idle));
+    out.flush(this.socket);
+    this.waitingForServer = false;
+    this.phase = Phase.Ready;
+    this.socket.resume();
+  }
+
+  // ---------------------------------------------------------------- client → server
+
+  private onClientData(chunk: Buffer): void {
+    this.stats.bytesIn += chunk.length;
+    try {
+      this.framer.push(chunk, this.onClientMessage);
+      if (this.server && !this.toServer.empty && !this.toServer.flush(this.server.socket)) this.waitForServerDrain();
+      if (!this.toClient.empty) this.toClient.flush(this.socket);
+    } catch (err) {
+      this.fatal(toPgError(err));
+    }
+  }
+
+  private readonly onClientMessage = (type: number, buf: Buffer, start: number, end: number): void => {
+    if (this.phase === Phase.Auth) {
+      const m = { type, buf, start, end };
+      if (this.authReceive) {
+        const r = this.authReceive;
+        this.authReceive = null;
+        r(m);
+      } else if (this.authQueue.length < 4) this.authQueue.push(m);
+      else throw new PgError(SqlState.ProtocolViolation, 'unexpected messages during authentication', 'FATAL');
+      return;
+    }
+    if (this.phase !== Phase.Ready) return;
+    if (type === Frontend.Terminate) {
+      this.close();
+      return;
+    }
+    if (this.admin) {
+      this.adminMessage(type, buf, start, end);
+      return;
+    }
+    if (!this.server || this.backlog.length > 0) {
+      // No server yet: keep the message and borrow one; the socket is paused meanwhile.
+      this.backlog.push(buf.subarray(start, end));
+      if (!this.waitingForServer) {
+        this.waitingForServer = true;
+        this.socket.pause();
+        this.pool!.acquire(this);
+      }
+      return;
+    }
+    if (!this.transactionMode) this.sessionModeMessage(type, buf, start, end);
+    else this.transactionModeMessage(type, buf, start, end);
+  };
+
+  private sessionModeMessage(type: number, buf: Buffer, start: number, end: number): void {
+    if (type === Frontend.Query) this.stats.queries++;
+    else if (!isKnownFrontendType(type)) throw unknownType(type);
+    else if (type === Frontend.Password) throw new PgError(SqlState.ProtocolViolation, 'unexpected password message after authentication', 'FATAL');
+    this.toServer.range(buf, start, end);
+  }
+
+  private transactionModeMessage(type: number, buf: Buffer, start: number, end: number): void {
+    if (this.discardUntilSync && type !== Frontend.Sync) return;
+    switch (type) {
+      case Frontend.Query: {
+        this.stats.queries++;
+        this.noteSql(decodeQuery(buf, start, end));
+        this.forward(buf, start, end, Expect.Query);
+        this.pendingSyncs++;
+        return;
+      }
+      case Frontend.Parse: {
+        const msg = decodeParse(buf, start, end);
+        this.noteSql(msg.query);
+        this.unsynced = true;
+        if (msg.name === '') {
+          this.forward(buf, start, end, Expect.Parse);
+          return;
+        }
+        if (this.statements.has(msg.name)) {
+          this.syntheticError(new PgError(SqlState.DuplicatePreparedStatement, `prepared statement "${msg.name}" already exists`));
+          return;
+        }
+        const serverName = statementServerName(buf, msg.typesStart, end, msg.query);
+        const stmt: ClientStatement = { serverName, parse: rewriteParse(buf, start, end, msg, serverName) };
+        this.statements.set(msg.name, stmt);
+        const prepared = this.server!.prepared;
+        if (prepared.has(serverName)) {
+          prepared.delete(serverName);
+          prepared.set(serverName, true);
+          this.synthetic(parseComplete());
+        } else {
+          this.sendMessage(stmt.parse, Expect.Parse, FORWARD);
+          this.notePrepared(serverName);
+        }
+        return;
+      }
+      case Frontend.Bind: {
+        this.unsynced = true;
+        const names = decodeBindNames(buf, start, end);
+        if (names.statement === '') {
+          this.forward(buf, start, end, Expect.Bind);
+          return;
+        }
+        const stmt = this.statementFor(names.statement);
+        if (!stmt) return;
+        this.sendMessage(rewriteBind(buf, end, names, stmt.serverName), Expect.Bind, FORWARD);
+        return;
+      }
+      case Frontend.Describe: {
+        this.unsynced = true;
+        const t = decodeTarget(buf, start, end);
+        if (t.kind === 0x53 && t.name !== '') {
+          const stmt = this.statementFor(t.name);
+          if (stmt) this.sendMessage(describeMessage(0x53, stmt.serverName), Expect.Describe, FORWARD);
+          return;
+        }
+        this.forward(buf, start, end, Expect.Describe);
+        return;
+      }
+      case Frontend.Close: {
+        this.unsynced = true;
+        const t = decodeTarget(buf, start, end);
+        if (t.kind === 0x53 && t.name !== '') {
+          // The server keeps its copy for other clients; the client's name is forgotten.
+          this.statements.delete(t.name);
+          this.synthetic(closeComplete());
+          return;
+        }
+        this.forward(buf, start, end, Expect.Close);
+        return;
+      }
+      case Frontend.Execute:
+        this.stats.queries++;
+        this.unsynced = true;
+        this.forward(buf, start, end, Expect.Execute);
+        return;
+      case Frontend.Sync:
+        this.discardUntilSync = false;
+        this.unsynced = false;
+        this.forward(buf, start, end, Expect.Sync);
+        this.pendingSyncs++;
+        return;
+      case Frontend.FunctionCall:
+        this.forward(buf, start, end, Expect.Query);
+        this.pendingSyncs++;
+        return;
+      case Frontend.Flush:
+      case Frontend.CopyData:
+      case Frontend.CopyDone:
+      case Frontend.CopyFail:
+        this.toServer.range(buf, start, end);
+        return;
+      case Frontend.Password:
+        throw new PgError(SqlState.ProtocolViolation, 'unexpected password message after authentication', 'FATAL');
+      default:
+        throw unknownType(type);
+    }
+  }
+
+  /** Session state makes the client keep its server until it disconnects. */
+  private noteSql(sql: string): void {
+    if (this.pinnedReason) return;
+    const c = classifySql(sql);
+    if (c.sessionState) this.pin(c.reason ?? 'session state');
+  }
+
+  private pin(reason: string): void {
+    if (this.pinnedReason) return;
+    this.pinnedReason = reason;
+    this.log.debug({ reason }, 'client pinned to its server connection (session state)');
+  }
+
+  private statementFor(name: string): ClientStatement | null {
+    const stmt = this.statements.get(name);
+    if (!stmt) {
+      this.syntheticError(new PgError(SqlState.InvalidSqlStatementName, `prepared statement "${name}" does not exist`));
+      return null;
+    }
+    const prepared = this.server!.prepared;
+    if (prepared.has(stmt.serverName)) {
+      prepared.delete(stmt.serverName);
+      prepared.set(stmt.serverName, true);
+    } else {
+      // This server has not seen the statement: prepare it first, its ParseComplete is ours.
+      this.sendMessage(stmt.parse, Expect.Parse, SWALLOW);
+      this.notePrepared(stmt.serverName);
+    }
+    return stmt;
+  }
+
+  private notePrepared(serverName: string): void {
+    const prepared = this.server!.prepared;
+    prepared.set(serverName, true);
+    const max = this.pool!.settings.maxPreparedStatements;
+    while (prepared.size > max && max > 0) {
+      const oldest = prepared.keys().next().value as string;
+      prepared.delete(oldest);
+      this.sendMessage(closeMessage(0x53, oldest), Expect.Close, SWALLOW);
+    }
+  }
+
+  private forward(buf: Buffer, start: number, end: number, kind: Expect): void {
+    this.toServer.range(buf, start, end);
+    this.expect(kind, FORWARD, null);
+  }
+
+  private sendMessage(m: Buffer, kind: Expect, action: number): void {
+    this.toServer.message(m);
+    this.expect(kind, action, null);
+  }
+
+  private expect(kind: Expect, action: number, payload: Buffer | null): void {
+    this.expectKind.push(kind);
+    this.expectAction.push(action);
+    this.expectPayload.push(payload);
+  }
+
+  /** A reply the gateway makes itself, in order with the server's replies. */
+  private synthetic(message: Buffer): void {
+    if (this.expectHead === this.expectKind.length) this.toClient.message(message);
+    else this.expect(Expect.Synthetic, FORWARD, message);
+  }
+
+  /** An error the gateway raises in an extended-protocol batch: like the server, skip to Sync. */
+  private syntheticError(err: PgError): void {
+    this.synthetic(errorResponse(err));
+    this.discardUntilSync = true;
+  }
+
+  private processBacklog(): void {
+    if (this.backlog.length === 0) return;
+    if (!this.server) {
+      if (!this.waitingForServer) {
+        this.waitingForServer = true;
+        this.socket.pause();
+        this.pool!.acquire(this);
+      }
+      return;
+    }
+    const backlog = this.backlog;
+    this.backlog = [];
+    try {
+      for (const m of backlog) {
+        if (!this.server) {
+          // Released in between (cannot happen before a Sync/Query is answered): queue again.
+          this.backlog.push(m);
+          continue;
+        }
+        this.onClientMessage(m[0], m, 0, m.length);
+      }
+      if (this.server && !this.toServer.empty && !this.toServer.flush(this.server.socket)) this.waitForServerDrain();
+      if (!this.toClient.empty) this.toClient.flush(this.socket);
+    } catch (err) {
+      this.fatal(toPgError(err));
+    }
+  }
+
+  // ---------------------------------------------------------------- server → client
+
+  private readonly onServerData = (chunk: Buffer): void => {
+    const server = this.server;
+    if (!server) return;
+    this.stats.bytesOut += chunk.length;
+    try {
+      server.framer.push(chunk, this.transactionMode ? this.onServerMessageTx : this.onServerMessageSession);
+    } catch (err) {
+      this.log.error({ err: (err as Error).message }, 'invalid data from server');
+      server.destroy();
+      return;
+    }
+    if (!this.toClient.empty && !this.toClient.flush(this.socket)) this.waitForClientDrain(server);
+    if (this.releasePending) {
+      this.releasePending = false;
+      this.maybeRelease();
+    }
+  };
+
+  private readonly onServerMessageSession = (type: number, buf: Buffer, start: number, end: number): void => {
+    if (type === Backend.ReadyForQuery) this.server!.txStatus = buf[start + 5];
+    this.toClient.range(buf, start, end);
+  };
+
+  private readonly onServerMessageTx = (type: number, buf: Buffer, start: number, end: number): void => {
+    const server = this.server!;
+    if (this.expectHead === this.expectKind.length) {
+      // Nothing outstanding: asynchronous messages (notices, notifications, parameter status).
+      if (type === Backend.ParameterStatus) this.noteParameterStatus(buf, start, end);
+      else if (type === Backend.ReadyForQuery) server.txStatus = buf[start + 5];
+      this.toClient.range(buf, start, end);
+      return;
+    }
+    const head = this.expectHead;
+    const kind = this.expectKind[head];
+    const action = this.expectAction[head];
+    switch (type) {
+      case Backend.ReadyForQuery: {
+        server.txStatus = buf[start + 5];
+        let act = FORWARD;
+        while (this.expectHead < this.expectKind.length) {
+          const k = this.expectKind[this.expectHead];
+          const a = this.expectAction[this.expectHead];
+          this.expectHead++;
+          if (k === Expect.Query || k === Expect.Sync) {
+            act = a;
+            break;
+          }
+        }
+        this.pendingSyncs--;
+        if (act === FORWARD) this.toClient.range(buf, start, end);
+        else if (this.injectedError) {
+          this.toClient.message(noticeResponse({ severity: 'WARNING', code: '01000', message: this.injectedError }));
+          this.injectedError = null;
+        }
+        this.afterCompletion();
+        if (this.pendingSyncs === 0) this.releasePending = true;
+        return;
+      }
+      case Backend.ErrorResponse:
+        if (kind === Expect.Query || kind === Expect.Sync) {
+          if (action === FORWARD) this.toClient.range(buf, start, end);
+          else this.injectedError = `trustgate could not apply session settings: ${decodeError(buf, start, end).message}`;
+          return;
+        }
+        // An extended-protocol request failed: the server skips everything up to Sync.
+        this.toClient.range(buf, start, end);
+        this.expectHead++;
+        while (this.expectHead < this.expectKind.length && this.expectKind[this.expectHead] !== Expect.Sync) this.expectHead++;
+        return;
+      case Backend.ParseComplete:
+      case Backend.BindComplete:
+      case Backend.CloseComplete:
+      case Backend.NoData:
+        if (kind === Expect.Parse || kind === Expect.Bind || kind === Expect.Close || kind === Expect.Describe) {
+          this.expectHead++;
+          if (action === FORWARD) this.toClient.range(buf, start, end);
+          this.afterCompletion();
+          return;
+        }
+        break;
+      case Backend.RowDescription:
+        if (kind === Expect.Describe) {
+          this.expectHead++;
+          this.toClient.range(buf, start, end);
+          this.afterCompletion();
+          return;
+        }
+        break;
+      case Backend.CommandComplete:
+        this.noteCommandTag(buf, start, end);
+        if (kind === Expect.Execute) {
+          this.expectHead++;
+          this.toClient.range(buf, start, end);
+          this.afterCompletion();
+          return;
+        }
+        break;
+      case Backend.EmptyQueryResponse:
+      case Backend.PortalSuspended:
+        if (kind === Expect.Execute) {
+          this.expectHead++;
+          this.toClient.range(buf, start, end);
+          this.afterCompletion();
+          return;
+        }
+        break;
+      case Backend.ParameterStatus:
+        if (action === FORWARD) this.noteParameterStatus(buf, start, end);
+        break;
+      case Backend.NotificationResponse:
+        this.toClient.range(buf, start, end);
+        return;
+    }
+    if (action === FORWARD) this.toClient.range(buf, start, end);
+  };
+
+  /** After a reply completed a request: emit gateway replies now at the head; compact the queue. */
+  private afterCompletion(): void {
+    while (this.expectHead < this.expectKind.length && this.expectKind[this.expectHead] === Expect.Synthetic) {
+      this.toClient.message(this.expectPayload[this.expectHead]!);
+      this.expectHead++;
+    }
+    if (this.expectHead === this.expectKind.length && this.expectHead > 0) {
+      this.expectHead = 0;
+      this.expectKind.length = 0;
+      this.expectAction.length = 0;
+      this.expectPayload.length = 0;
+    }
+  }
+
+  /** A setting changed inside the client's own request: state the next client must not see. */
+  private noteParameterStatus(buf: Buffer, start: number, end: number): void {
+    const [name, value] = decodeParameterStatus(buf, start, end);
+    const server = this.server!;
+    if (server.params.get(name) !== value) {
+      server.params.set(name, value);
+      this.pin(`setting ${name} changed`);
+    }
+  }
+
+  private noteCommandTag(buf: Buffer, start: number, end: number): void {
+    const len = end - start - 6;
+    // DISCARD ALL / DEALLOCATE ALL drop the server's prepared statements and settings.
+    if (len === 11 || len === 14) {
+      const tag = buf.toString('latin1', start + 5, end - 1);
+      if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
+        this.server!.prepared.clear();
+        if (tag === 'DISCARD ALL') this.server!.appliedParams.clear();
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- linking
+
+  /** PoolWaiter: a server is ours. */
+  onServer(server: ServerConnection): void {
+    this.waitingForServer = false;
+    if (this.phase === Phase.Closed) {
+      this.pool!.release(server, false);
+      return;
+    }
+    if (!this.cancelKey) {
+      this.loginServerReady(server);
+      return;
+    }
+    this.link(server);
+    const sets = this.paramSyncSql(server);
+    if (sets) {
+      this.sendMessage(queryMessage(sets), Expect.Query, SWALLOW);
+      this.pendingSyncs++;
+      this.markParamsApplied(server);
+    }
+    this.socket.resume();
+    this.processBacklog();
+  }
+
+  /** PoolWaiter: no server could be had. */
+  onPoolError(err: PgError): void {
+    this.waitingForServer = false;
+    if (!this.cancelKey || err.severity === 'FATAL') {
+      this.fatal(new PgError(err.code, err.message, 'FATAL', err.detail));
+      return;
+    }
+    // Answer the waiting request with the error and ReadyForQuery, like a failed query.
+    this.backlog = [];
+    this.socket.write(Buffer.concat([errorResponse(err), readyForQuery(TxStatus.Idle)]));
+    this.socket.resume();
+  }
+
+  private link(server: ServerConnection): void {
+    this.server = server;
+    server.onData = this.onServerData;
+    server.onClose = () => this.onServerClosed(server);
+  }
+
+  /** Returns the server to the pool. */
+  private unlink(needsReset: boolean): void {
+    const server = this.server;
+    if (!server) return;
+    this.server = null;
+    server.onClose = () => {};
+    this.pool!.release(server, needsReset);
+  }
+
+  private maybeRelease(): void {
+    const server = this.server;
+    if (!server || !this.transactionMode || this.pinnedReason) return;
+    if (this.pendingSyncs !== 0 || this.unsynced || server.txStatus !== TxStatus.Idle) return;
+    if (this.expectHead !== this.expectKind.length) return;
+    this.unlink(false);
+  }
+
+  /** The SQL that gives `server` this client's startup parameters, or '' if it has them. */
+  private paramSyncSql(server: ServerConnection): string {
+    const parts: string[] = [];
+    for (const [k, v] of this.desiredParams) {
+      if (server.appliedParams.get(k) !== v) parts.push(`SET ${quoteIdent(k)} = ${quoteLiteral(v)}`);
+    }
+    for (const k of server.appliedParams.keys()) {
+      if (!this.desiredParams.has(k)) parts.push(`RESET ${quoteIdent(k)}`);
+    }
+    return parts.join('; ');
+  }
+
+  private markParamsApplied(server: ServerConnection): void {
+    server.appliedParams.clear();
+    for (const [k, v] of this.desiredParams) server.appliedParams.set(k, v);
+  }
+
+  // ---------------------------------------------------------------- flow control
+
+  private waitForServerDrain(): void {
+    const server = this.server!;
+    this.socket.pause();
+    server.socket.once('drain', () => {
+      if (this.phase !== Phase.Closed) this.socket.resume();
+    });
+  }
+
+  private waitForClientDrain(server: ServerConnection): void {
+    server.socket.pause();
+    this.socket.once('drain', () => {
+      if (!server.closed) server.socket.resume();
+    });
+  }
+
+  // ---------------------------------------------------------------- cancel
+
+  cancelRunningQuery(): void {
+    const server = this.server;
+    // Nothing running for this client: a late cancel must not reach whoever uses that server now.
+    if (!server || (this.transactionMode && this.pendingSyncs === 0 && !this.unsynced)) return;
+    this.ctx.sendCancel(server);
+  }
+
+  // ---------------------------------------------------------------- admin console
+
+  private adminMessage(type: number, buf: Buffer, start: number, end: number): void {
+    if (type !== Frontend.Query) {
+      if (type === Frontend.Sync) {
+        this.socket.write(readyForQuery(TxStatus.Idle));
+        return;
+      }
+      if (!isKnownFrontendType(type)) throw unknownType(type);
+      this.socket.write(errorResponse(new PgError(SqlState.FeatureNotSupported, 'the admin console supports the simple query protocol only')));
+      return;
+    }
+    const sql = decodeQuery(buf, start, end);
+    this.socket.write(this.ctx.runAdminCommand(sql, this));
+  }
+
+  // ---------------------------------------------------------------- teardown
+
+  private onServerClosed(server: ServerConnection): void {
+    if (this.server !== server) return;
+    this.server = null;
+    this.log.warn({ server: server.id }, 'server connection closed while in use');
+    this.fatal(new PgError(SqlState.AdminShutdown, 'server closed the connection unexpectedly', 'FATAL'));
+  }
+
+  private onClientClosed(): void {
+    if (this.phase === Phase.Closed) return;
+    this.close();
+  }
+
+  /** Ends the client connection and gives its server back (reset) or closes it. */
+  close(): void {
+    if (this.phase === Phase.Closed) return;
+    const wasReady = this.phase === Phase.Ready;
+    this.phase = Phase.Closed;
+    this.clearStartupTimer();
+    if (this.cancelKey) this.ctx.cancels.unregister(this.cancelKey.processId);
+    if (this.waitingForServer && this.pool) this.pool.cancelWait(this);
+    const server = this.server;
+    if (server) {
+      this.server = null;
+      server.onClose = () => {};
+      const busy = this.pendingSyncs > 0 || this.unsynced || server.txStatus !== TxStatus.Idle;
+      if (busy) {
+        // The client left mid-request: its server cannot be handed on safely.
+        this.log.info({ server: server.id }, 'client left during a request; closing its server connection');
+        this.pool!.discard(server);
+      } else {
+        this.pool!.release(server, !this.transactionMode || this.pinnedReason !== null);
+      }
+    }
+    this.socket.end();
+    this.socket.destroySoon?.();
+    setTimeout(() => this.socket.destroy(), 1000).unref();
+    this.ctx.sessionClosed(this);
+    if (wasReady || this.user) this.log.info({ user: this.user, db: this.database, queries: this.stats.queries }, 'client disconnected');
+  }
+
+  /** Sends a FATAL (if the socket still speaks the protocol) and closes. */
+  fatal(err: PgError): void {
+    if (this.phase === Phase.Closed) return;
+    const level = err.code === SqlState.InvalidPassword || err.code === SqlState.ProtocolViolation ? 'warn' : 'info';
+    this.log[level]({ code: err.code, err: err.message }, 'closing client connection with error');
+    if (this.socket.writable) this.socket.write(errorResponse(new PgError(err.code, err.message, 'FATAL', err.detail, err.hint)));
+    this.close();
+  }
+
+  /** Ask the client to leave (shutdown): FATAL 57P01 when idle. */
+  terminate(message = 'terminating connection due to administrator command'): void {
+    this.fatal(new PgError(SqlState.AdminShutdown, message, 'FATAL'));
+  }
+
+  get isIdle(): boolean {
+    return this.phase === Phase.Ready && !this.server && !this.waitingForServer;
+  }
+
+  get isInTransaction(): boolean {
+    return this.server !== null && (this.server.txStatus !== TxStatus.Idle || this.pendingSyncs > 0);
+  }
+}
+
+function toPgError(err: unknown): PgError {
+  if (err instanceof PgError) return err;
+  if (err instanceof FramingError) {
+    return new PgError(err.code === 'too-long' ? SqlState.ProgramLimitExceeded : SqlState.ProtocolViolation, err.message, 'FATAL');
+  }
+  if (err instanceof StartupError || err instanceof MalformedMessageError) return new PgError(SqlState.ProtocolViolation, err.message, 'FATAL');
+  return new PgError(SqlState.InternalError, `internal error: ${(err as Error)?.message ?? String(err)}`, 'FATAL');
+}
+
+const KNOWN_FRONTEND = new Set<number>([
+  Frontend.Bind,
+  Frontend.Close,
+  Frontend.CopyData,
+  Frontend.CopyDone,
+  Frontend.CopyFail,
+  Frontend.Describe,
+  Frontend.Execute,
+  Frontend.Flush,
+  Frontend.FunctionCall,
+  Frontend.Parse,
+  Frontend.Password,
+  Frontend.Query,
+  Frontend.Sync,
+  Frontend.Terminate,
+]);
+
+function isKnownFrontendType(type: number): boolean {
+  return KNOWN_FRONTEND.has(type);
+}
+
+function unknownType(type: number): PgError {
+  const shown = type >= 0x20 && type < 0x7f ? `"${String.fromCharCode(type)}"` : `0x${type.toString(16)}`;
+  return new PgError(SqlState.ProtocolViolation, `invalid frontend message type ${shown}`, 'FATAL');
+}
+
+/** Server-side name of a client statement: same SQL and parameter types → same name. */
+function statementServerName(buf: Buffer, typesStart: number, end: number, query: string): string {
+  const h = createHash('sha1').update(query).update(buf.subarray(typesStart, end)).digest('hex');
+  return `tg_${h.slice(0, 28)}`;
+}
+
+function quoteIdent(name: string): string {
+  return `"${name.replace(/"/g, '""')}"`;
+}
+
+function quoteLiteral(value: string): string {
+  return `'${value.replace(/'/g, "''")}'`;
+}
+
+/** Run-time parameters from the startup packet, including `-c name=value` in `options`. */
+export function startupParamsToSet(params: Map<string, string>): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const [k, v] of params) if (!STARTUP_PARAMS_NOT_FORWARDED.has(k)) out.set(k, v);
+  const options = params.get('options');
+  if (options) {
+    const tokens = options.match(/(?:\\.|\S)+/g) ?? [];
+    for (let i = 0; i < tokens.length; i++) {
+      let t = tokens[i].replace(/\\(.)/g, '$1');
+      if (t === '-c' && i + 1 < tokens.length) t = tokens[++i].replace(/\\(.)/g, '$1');
+      else if (t.startsWith('-c')) t = t.slice(2);
+      else if (t.startsWith('--')) t = t.slice(2);
+      else continue;
+      const eq = t.indexOf('=');
+      if (eq > 0) out.set(t.slice(0, eq).replace(/-/g, '_'), t.slice(eq + 1));
+    }
+  }
+  return out;
+}

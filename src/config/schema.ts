@@ -1,0 +1,144 @@
+/**
+ * The configuration model, validated with zod. Keys are snake_case in the file and in code, so
+ * error messages name exactly the key a user wrote. Documented in docs/configuration.md.
+ */
+import { z } from 'zod';
+
+const port = z.number().int().min(0).max(65535);
+const ms = z.number().int().min(0);
+
+export const serverTlsSchema = z
+  .object({
+    /** libpq-style sslmode towards PostgreSQL. */
+    mode: z.enum(['disable', 'prefer', 'require', 'verify-ca', 'verify-full']).default('prefer'),
+    /** CA bundle used to verify the server certificate (verify-ca, verify-full). */
+    ca_file: z.string().optional(),
+    /** Client certificate and key presented to PostgreSQL, if it asks for one. */
+    cert_file: z.string().optional(),
+    key_file: z.string().optional(),
+    /** Name checked against the certificate with verify-full; defaults to the server host. */
+    server_name: z.string().optional(),
+  })
+  .strict();
+
+export const serverSchema = z
+  .object({
+    host: z.string().min(1).default('127.0.0.1'),
+    port: port.default(5432),
+    tls: serverTlsSchema.prefault({}),
+    connect_timeout_ms: ms.default(10_000),
+  })
+  .strict();
+
+export const poolModeSchema = z.enum(['session', 'transaction']);
+
+export const databaseSchema = z
+  .object({
+    /** Database name on the server; defaults to the name the client asked for. */
+    dbname: z.string().min(1).optional(),
+    host: z.string().min(1).optional(),
+    port: port.optional(),
+    pool_mode: poolModeSchema.optional(),
+    pool_size: z.number().int().min(1).optional(),
+  })
+  .strict();
+
+export const authSchema = z
+  .object({
+    /** How clients authenticate to trustgate. */
+    method: z.enum(['scram-sha-256', 'md5', 'password', 'trust']).default('scram-sha-256'),
+    /** YAML file mapping user names to SCRAM verifiers or md5 hashes (never plaintext). */
+    users_file: z.string().optional(),
+    /** Look secrets up in the server with this query ($1 = user name) run as `auth.user`. */
+    query: z.string().default('SELECT username, secret FROM trustgate.user_secret($1)'),
+    /** The role that runs the auth query; its own secret comes from the users file or an env var. */
+    user: z.string().optional(),
+    /** Name of the environment variable holding `auth.user`'s password (never the password itself). */
+    password_env: z.string().default('TRUSTGATE_AUTH_PASSWORD'),
+    /** Database the auth query runs in; defaults to the database the client asked for. */
+    database: z.string().optional(),
+  })
+  .strict();
+
+export const poolSchema = z
+  .object({
+    mode: poolModeSchema.default('transaction'),
+    /** Server connections per (database, user) pool. */
+    default_size: z.number().int().min(1).default(20),
+    /** Idle server connections kept open per pool even when unused. */
+    min_size: z.number().int().min(0).default(0),
+    /** Upper bound on server connections per server database, across users (0 = none). */
+    max_db_connections: z.number().int().min(0).default(0),
+    /** Clients connected to the gateway at once; more are refused with 53300. */
+    max_client_connections: z.number().int().min(1).default(10_000),
+    /** How long a client waits in the queue for a server connection before 53300/57014. */
+    wait_timeout_ms: ms.default(30_000),
+    /** Close server connections idle for longer than this (0 = never). */
+    idle_timeout_ms: ms.default(600_000),
+    /** Close server connections older than this when they are next idle (0 = never). */
+    lifetime_ms: ms.default(3_600_000),
+    /** Check an idle server connection with an empty query if it was idle for longer than this. */
+    health_check_after_ms: ms.default(30_000),
+    /** Protocol-level prepared statements kept per server connection in transaction mode. */
+    max_prepared_statements: z.number().int().min(0).default(200),
+    /** Run the full reset after every transaction in transaction mode, not only after state changes. */
+    reset_always: z.boolean().default(false),
+  })
+  .strict();
+
+export const clientTlsSchema = z
+  .object({
+    /** disable: answer SSLRequest with N; allow: TLS when asked; require: refuse clients without TLS. */
+    mode: z.enum(['disable', 'allow', 'require']).default('disable'),
+    cert_file: z.string().optional(),
+    key_file: z.string().optional(),
+    /** CA for client certificates (optional). */
+    ca_file: z.string().optional(),
+  })
+  .strict()
+  .refine((t) => t.mode === 'disable' || (t.cert_file && t.key_file), {
+    message: 'tls.cert_file and tls.key_file are required when tls.mode is not disable',
+  });
+
+export const limitsSchema = z
+  .object({
+    /** Largest protocol message accepted from a client (bytes). */
+    max_message_bytes: z.number().int().min(1024).default(64 * 1024 * 1024),
+    /** A client must finish startup and authentication within this time. */
+    startup_timeout_ms: ms.default(15_000),
+  })
+  .strict();
+
+export const configSchema = z
+  .object({
+    listen: z
+      .object({
+        host: z.string().min(1).default('127.0.0.1'),
+        port: port.default(6432),
+      })
+      .strict()
+      .prefault({}),
+    server: serverSchema.prefault({}),
+    tls: clientTlsSchema.prefault({}),
+    auth: authSchema.prefault({}),
+    pool: poolSchema.prefault({}),
+    limits: limitsSchema.prefault({}),
+    /** Per-database overrides keyed by the name clients use. */
+    databases: z.record(z.string(), databaseSchema).default({}),
+    /** Roles allowed to use the admin console (database `trustgate`). */
+    admin_users: z.array(z.string()).default([]),
+    log: z
+      .object({
+        level: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
+      })
+      .strict()
+      .prefault({}),
+    /** On SIGTERM, wait this long for clients to finish before closing them. */
+    shutdown_timeout_ms: ms.default(30_000),
+  })
+  .strict();
+
+export type Config = z.infer<typeof configSchema>;
+export type ConfigInput = z.input<typeof configSchema>;
+export type PoolMode = z.infer<typeof poolModeSchema>;
+export type DatabaseConfig = z.infer<typeof databaseSchema>;

@@ -1,0 +1,6 @@
+/** Public library API. See docs/library.md. */
+export { createGateway, Gateway, VERSION, type GatewayOptions } from './gateway.js';
+export { parseConfig, loadConfig, ConfigError } from './config/load.js';
+export type { Config, ConfigInput, PoolMode } from './config/schema.js';
+export { EmbeddedPostgres, type EmbeddedPostgresOptions } from './embedded/postgres.js';
+export { makeScramVerifier } from './auth/scram.js';

@@ -1,0 +1,113 @@
+/**
+ * Splits a byte stream into typed protocol messages (1-byte type, Int32 length including itself).
+ *
+ * Pure and allocation-light: a message that lies wholly inside one chunk is handed out as a
+ * (buffer, start, end) view of that chunk, so the relay can forward runs of messages as slices
+ * without copying. Only a message split across chunks is assembled into its own buffer.
+ */
+export class FramingError extends Error {
+  constructor(
+    message: string,
+    readonly code: 'bad-length' | 'too-long',
+  ) {
+    super(message);
+    this.name = 'FramingError';
+  }
+}
+
+/** Called once per complete message; `buf[start]` is the type byte, `end` is exclusive. */
+export type MessageHandler = (type: number, buf: Buffer, start: number, end: number) => void;
+
+export class MessageFramer {
+  /** Partial message being assembled (header and/or body), or null. */
+  private partial: Buffer | null = null;
+  private partialFilled = 0;
+  /** Up to 4 header bytes seen before a partial message's length is known. */
+  private readonly header = Buffer.allocUnsafe(5);
+  private headerFilled = 0;
+
+  constructor(private maxMessageLength: number) {}
+
+  setMaxMessageLength(limit: number): void {
+    this.maxMessageLength = limit;
+  }
+
+  /** True when bytes of an unfinished message are buffered. */
+  get hasPartial(): boolean {
+    return this.headerFilled > 0 || this.partial !== null;
+  }
+
+  /** Bytes currently held for an unfinished message. */
+  get bufferedBytes(): number {
+    return this.partial ? this.partialFilled : this.headerFilled;
+  }
+
+  push(chunk: Buffer, onMessage: MessageHandler): void {
+    let pos = 0;
+    const len = chunk.length;
+    if (this.headerFilled > 0 || this.partial) pos = this.continuePartial(chunk, onMessage);
+    while (pos < len) {
+      if (len - pos < 5) {
+        chunk.copy(this.header, 0, pos, len);
+        this.headerFilled = len - pos;
+        return;
+      }
+      const type = chunk[pos];
+      const msgLen = chunk.readInt32BE(pos + 1);
+      this.checkLength(type, msgLen);
+      const end = pos + 1 + msgLen;
+      if (end <= len) {
+        onMessage(type, chunk, pos, end);
+        pos = end;
+      } else {
+        this.partial = Buffer.allocUnsafe(1 + msgLen);
+        chunk.copy(this.partial, 0, pos, len);
+        this.partialFilled = len - pos;
+        return;
+      }
+    }
+  }
+
+  /** Completes a message begun in an earlier chunk; returns the position after it. */
+  private continuePartial(chunk: Buffer, onMessage: MessageHandler): number {
+    let pos = 0;
+    if (!this.partial) {
+      const need = 5 - this.headerFilled;
+      const take = Math.min(need, chunk.length);
+      chunk.copy(this.header, this.headerFilled, 0, take);
+      this.headerFilled += take;
+      pos = take;
+      if (this.headerFilled < 5) return pos;
+      const type = this.header[0];
+      const msgLen = this.header.readInt32BE(1);
+      this.checkLength(type, msgLen);
+      this.partial = Buffer.allocUnsafe(1 + msgLen);
+      this.header.copy(this.partial, 0, 0, 5);
+      this.partialFilled = 5;
+      this.headerFilled = 0;
+    }
+    const partial = this.partial;
+    const take = Math.min(partial.length - this.partialFilled, chunk.length - pos);
+    chunk.copy(partial, this.partialFilled, pos, pos + take);
+    this.partialFilled += take;
+    pos += take;
+    if (this.partialFilled === partial.length) {
+      this.partial = null;
+      this.partialFilled = 0;
+      onMessage(partial[0], partial, 0, partial.length);
+    }
+    return pos;
+  }
+
+  private checkLength(type: number, msgLen: number): void {
+    if (msgLen < 4) {
+      throw new FramingError(`invalid message length ${msgLen} for message type 0x${type.toString(16)}`, 'bad-length');
+    }
+    if (msgLen > this.maxMessageLength) {
+      throw new FramingError(
+        `message of type 0x${type.toString(16)} is ${msgLen} bytes, above the limit of ${this.maxMessageLength}`,
+        'too-long',
+      );
+    }
+  }
+}

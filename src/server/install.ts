@@ -1,0 +1,53 @@
+/**
+ * Installs what trustgate needs inside a database: the `trustgate` schema with the restricted
+ * secret-lookup function used by the auth query, and the role allowed to call it.
+ */
+import { ServerConnection, type ServerEndpoint } from './server-connection.js';
+import type { Logger } from '../log/logger.js';
+
+export function authFunctionSql(authRole: string): string {
+  const role = `"${authRole.replace(/"/g, '""')}"`;
+  return `
+CREATE SCHEMA IF NOT EXISTS trustgate;
+-- Secrets of login roles only, never of superusers (as PgBouncer recommends for auth_query).
+CREATE OR REPLACE FUNCTION trustgate.user_secret(p_user text)
+  RETURNS TABLE (username text, secret text)
+  LANGUAGE sql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+AS $fn$
+  SELECT rolname::text, rolpassword FROM pg_catalog.pg_authid
+  WHERE rolname = p_user AND rolcanlogin AND NOT rolsuper
+    AND (rolvaliduntil IS NULL OR rolvaliduntil > now())
+$fn$;
+REVOKE ALL ON FUNCTION trustgate.user_secret(text) FROM PUBLIC;
+GRANT USAGE ON SCHEMA trustgate TO ${role};
+GRANT EXECUTE ON FUNCTION trustgate.user_secret(text) TO ${role};
+`;
+}
+
+export interface InstallOptions {
+  endpoint: ServerEndpoint;
+  database: string;
+  superuser: string;
+  superuserPassword: string;
+  authRole: string;
+  /** Creates the auth role with this password if it does not exist. */
+  authRolePassword?: string;
+}
+
+/** Runs the install as a superuser (idempotent). */
+export async function installAuthFunction(o: InstallOptions, log: Logger): Promise<void> {
+  const conn = await ServerConnection.connect(o.endpoint, o.database, o.superuser, { password: o.superuserPassword }, new Map(), log);
+  try {
+    if (o.authRolePassword !== undefined) {
+      const pw = o.authRolePassword.replace(/'/g, "''");
+      const role = o.authRole.replace(/"/g, '""');
+      await conn.internalQuery(
+        `DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '${o.authRole.replace(/'/g, "''")}') THEN CREATE ROLE "${role}" LOGIN PASSWORD '${pw}'; END IF; END $$`,
+      );
+    }
+    await conn.internalQuery(authFunctionSql(o.authRole));
+  } finally {
+    conn.terminate();
+  }
+}
