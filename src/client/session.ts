@@ -209,7 +209,7 @@ export class ClientSession implements PoolWaiter {
     if (this.admin && !cfg.admin_users.includes(this.user)) {
       throw new PgError(SqlState.InsufficientPrivilege, `user "${this.user}" is not allowed to use the admin console`, 'FATAL');
     }
-    const secret = cfg.auth.method === 'trust' ? null : await this.ctx.secrets.lookup(this.user, this.admin ? this.ctx.secretsDatabase(this.database) : this.database);
+    const secret = cfg.auth.method === 'trust' ? null : await this.lookupSecret();
     const channel: AuthChannel = {
       send: (m) => this.socket.write(m),
       receive: () =>
@@ -238,6 +238,16 @@ export class ClientSession implements PoolWaiter {
     this.socket.pause();
     this.waitingForServer = true;
     pool.acquire(this);
+  }
+
+  private async lookupSecret() {
+    const db = this.admin ? this.ctx.secretsDatabase(this.database) : this.database;
+    try {
+      return await this.ctx.secrets.lookup(this.user, db);
+    } catch (err) {
+      this.log.error({ err: (err as Error).message }, 'credential lookup failed');
+      throw new PgError(SqlState.SqlclientUnableToEstablish, `trustgate could not look up the credentials of user "${this.user}": ${(err as Error).message}`, 'FATAL');
+    }
   }
 
   private loginServerReady(server: ServerConnection): void {

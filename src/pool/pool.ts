@@ -145,6 +145,9 @@ export class Pool {
       server.internalQuery(sql).then(
         () => {
           if (this.settings.mode === 'session') server.prepared.clear();
+          // Both resets run RESET ALL: the last client's startup parameters are gone (the pool
+          // opens servers without any), so the next client must get its own applied again.
+          server.appliedParams.clear();
           this.makeAvailable(server);
         },
         (err) => {

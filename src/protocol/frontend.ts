@@ -30,6 +30,8 @@ export function decodeQuery(buf: Buffer, start: number, end: number): string {
 export interface ParseMessage {
   name: string;
   query: string;
+  /** Offset of the query's first byte (the raw bytes may not be valid UTF-8, e.g. LATIN1 clients). */
+  queryStart: number;
   /** Offset of the Int16 parameter-type count. */
   typesStart: number;
 }
@@ -40,12 +42,16 @@ export function decodeParse(buf: Buffer, start: number, end: number): ParseMessa
   if (p2 + 2 > end) throw new MalformedMessageError('invalid Parse message: missing parameter count');
   const n = buf.readInt16BE(p2);
   if (n < 0 || p2 + 2 + n * 4 !== end) throw new MalformedMessageError('invalid Parse message: bad parameter types');
-  return { name, query, typesStart: p2 };
+  return { name, query, queryStart: p1, typesStart: p2 };
 }
 
 export interface BindNames {
   portal: string;
   statement: string;
+  /** Offset of the portal name's first byte; its raw bytes run to `statementStart` (incl. NUL). */
+  portalStart: number;
+  /** Offset of the statement name's first byte. */
+  statementStart: number;
   /** Offset just after the statement name (start of the parameter format codes). */
   restStart: number;
 }
@@ -53,7 +59,7 @@ export interface BindNames {
 export function decodeBindNames(buf: Buffer, start: number, end: number): BindNames {
   const [portal, p1] = readCString(buf, start + 5, end);
   const [statement, p2] = readCString(buf, p1, end);
-  return { portal, statement, restStart: p2 };
+  return { portal, statement, portalStart: start + 5, statementStart: p1, restStart: p2 };
 }
 
 /** Describe ('D') and Close ('C'): kind 'S' (statement) or 'P' (portal) and the name. */
@@ -70,16 +76,17 @@ export function decodeTarget(buf: Buffer, start: number, end: number): { kind: n
 
 /** Parse with another statement name, same query and parameter types. */
 export function rewriteParse(buf: Buffer, start: number, end: number, msg: ParseMessage, newName: string): Buffer {
-  const queryBytes = Buffer.byteLength(msg.query);
+  // Raw bytes from the query on: re-encoding the decoded string would alter non-UTF-8 bytes.
   const w = new MessageWriter(end - start + newName.length + 8).begin(Frontend.Parse).cstring(newName);
-  w.bytes(buf.subarray(msg.typesStart - queryBytes - 1, end));
+  w.bytes(buf.subarray(msg.queryStart, end));
   return w.end().toBuffer();
 }
 
 /** Bind with another statement name, same portal and the rest of the message unchanged. */
 export function rewriteBind(buf: Buffer, end: number, names: BindNames, newStatement: string): Buffer {
-  const w = new MessageWriter(end - names.restStart + newStatement.length + names.portal.length + 16).begin(Frontend.Bind);
-  w.cstring(names.portal).cstring(newStatement).bytes(buf.subarray(names.restStart, end));
+  const w = new MessageWriter(end - names.portalStart + newStatement.length + 16).begin(Frontend.Bind);
+  // The portal name (with its NUL) is copied as raw bytes, like the rest of the message.
+  w.bytes(buf.subarray(names.portalStart, names.statementStart)).cstring(newStatement).bytes(buf.subarray(names.restStart, end));
   return w.end().toBuffer();
 }
 

@@ -18,8 +18,11 @@ const PLAIN: SqlClass = Object.freeze({ sessionState: false });
 const CACHE_LIMIT = 10_000;
 const cache = new Map<string, SqlClass>();
 
-/** Words that can introduce session state; text without any of them needs no parse. */
-const SUSPECT = /set|prepare|declare|listen|temp|advisory|load|\bdo\b|dblink|lock/i;
+/**
+ * Words that can introduce session state; text without any of them needs no parse. `u&`: a
+ * Unicode-escaped identifier (U&"\0073et_config") can spell any of them.
+ */
+const SUSPECT = /set|prepare|declare|listen|temp|advisory|load|\bdo\b|dblink|lock|u&/i;
 
 const ADVISORY_SESSION_LOCKS = new Set([
   'pg_advisory_lock',
@@ -60,6 +63,9 @@ function classifyUncached(sql: string): SqlClass {
 
 type Node = Record<string, unknown>;
 
+/** The session's temporary schema, by its alias or its real name. */
+const TEMP_SCHEMA = /^pg_temp(_\d+)?$/;
+
 function funcName(call: Node): string {
   const parts = (call.funcname as Node[] | undefined) ?? [];
   const last = parts[parts.length - 1] as { String?: { sval?: string } } | undefined;
@@ -69,6 +75,9 @@ function funcName(call: Node): string {
 /** Depth-first walk; returns the first kind of session state found. */
 function findSessionState(node: unknown): string | undefined {
   if (Array.isArray(node)) {
+    // A qualified name (function, type, domain, …) in the session's temporary schema.
+    const first = node.length > 1 ? (node[0] as { String?: { sval?: string } } | null)?.String?.sval : undefined;
+    if (first !== undefined && TEMP_SCHEMA.test(first)) return 'temporary object';
     for (const n of node) {
       const r = findSessionState(n);
       if (r) return r;
@@ -97,6 +106,9 @@ function findSessionState(node: unknown): string | undefined {
         break;
       case 'relpersistence':
         if (value === 't') return 'temporary object';
+        break;
+      case 'schemaname': // CREATE TABLE pg_temp.t … is temporary without the TEMP keyword
+        if (typeof value === 'string' && TEMP_SCHEMA.test(value)) return 'temporary object';
         break;
       case 'FuncCall': {
         const name = funcName(v);

@@ -1,0 +1,1130 @@
+/**
+ * trustgate benchmark: pgbench -S against PostgreSQL directly, through trustgate (transaction
+ * mode, in its own process) and through PgBouncer (transaction mode), all against ONE embedded
+ * PostgreSQL in ONE run; plus the memory cost of idle client connections.
+ *
+ *   npm run bench                                   # defaults: 10 s × 27 cells + memory
+ *   npm run bench -- --duration 5 --clients 1,32 --protocols simple --skip-memory
+ *   npm run bench -- --profile                      # also CPU-profile trustgate (32 clients, simple)
+ *
+ * Writes bench/results/latest.{json,md,svg}. Needs pgbench/psql (PostgreSQL client tools); installs
+ * PgBouncer with apt-get when missing (root only). Every wait is bounded; all processes and temp
+ * dirs are cleaned up at the end, on error and on SIGINT/SIGTERM.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import ts from 'typescript';
+import { EmbeddedPostgres, findFreePort } from '../src/embedded/postgres.js';
+import { installAuthFunction } from '../src/server/install.js';
+import { ServerConnection } from '../src/server/server-connection.js';
+import { parseScramVerifier, scramKeysForPassword } from '../src/auth/scram.js';
+import { createLogger } from '../src/log/logger.js';
+import { summarizeProfile, formatProfileSummary } from './profile.js';
+
+// ------------------------------------------------------------------ options
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const TARGETS = ['direct', 'trustgate', 'pgbouncer'] as const;
+type Target = (typeof TARGETS)[number];
+const PROTOCOLS = ['simple', 'extended', 'prepared'] as const;
+type Protocol = (typeof PROTOCOLS)[number];
+
+interface Options {
+  duration: number;
+  clients: number[];
+  protocols: Protocol[];
+  targets: Target[];
+  poolSize: number;
+  scale: number;
+  skipMemory: boolean;
+  memoryClients: number[];
+  profile: boolean;
+  profileClients: number;
+  profileProtocol: Protocol;
+  warmup: number;
+  build: boolean;
+  out: string;
+}
+
+const USAGE = `usage: npm run bench -- [options]
+  --duration <s>            seconds per pgbench cell (default 10)
+  --clients <list>          client counts (default 1,32,256)
+  --protocols <list>        simple,extended,prepared (default all)
+  --targets <list>          direct,trustgate,pgbouncer (default all)
+  --pool-size <n>           server connections per pool for both poolers (default 20)
+  --scale <n>               pgbench -i scale factor (default 10)
+  --warmup <s>              unrecorded warm-up run per target (default 3, 0 = none)
+  --skip-memory             skip the idle-client memory measurement
+  --memory-clients <list>   idle client counts (default 1000,10000)
+  --profile                 CPU-profile a trustgate run (see --profile-clients/--profile-protocol)
+  --profile-clients <n>     (default 32)
+  --profile-protocol <p>    (default simple)
+  --no-build                do not run tsc -p tsconfig.build.json first (uses dist/ if present)
+  --out <dir>               results directory (default bench/results)`;
+
+function parseOptions(argv: string[]): Options {
+  const o: Options = {
+    duration: 10,
+    clients: [1, 32, 256],
+    protocols: [...PROTOCOLS],
+    targets: [...TARGETS],
+    poolSize: 20,
+    scale: 10,
+    skipMemory: false,
+    memoryClients: [1000, 10000],
+    profile: false,
+    profileClients: 32,
+    profileProtocol: 'simple',
+    warmup: 3,
+    build: true,
+    out: path.join(ROOT, 'bench', 'results'),
+  };
+  const ints = (v: string, flag: string) =>
+    v.split(',').map((s) => {
+      const n = Number(s.trim());
+      if (!Number.isInteger(n) || n < 1) throw new Error(`${flag}: "${s}" is not a positive integer`);
+      return n;
+    });
+  const oneOf = <T extends string>(v: string, allowed: readonly T[], flag: string): T[] =>
+    v.split(',').map((s) => {
+      const x = s.trim() as T;
+      if (!allowed.includes(x)) throw new Error(`${flag}: "${s}" is not one of ${allowed.join(', ')}`);
+      return x;
+    });
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const [flag, inline] = a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
+    const value = () => {
+      if (inline !== undefined) return inline;
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`${flag} needs a value`);
+      return v;
+    };
+    switch (flag) {
+      case '--duration':
+        o.duration = ints(value(), flag)[0];
+        break;
+      case '--clients':
+        o.clients = ints(value(), flag);
+        break;
+      case '--protocols':
+        o.protocols = oneOf(value(), PROTOCOLS, flag);
+        break;
+      case '--targets':
+        o.targets = oneOf(value(), TARGETS, flag);
+        break;
+      case '--pool-size':
+        o.poolSize = ints(value(), flag)[0];
+        break;
+      case '--scale':
+        o.scale = ints(value(), flag)[0];
+        break;
+      case '--warmup': {
+        const n = Number(value());
+        if (!Number.isInteger(n) || n < 0) throw new Error('--warmup: not a non-negative integer');
+        o.warmup = n;
+        break;
+      }
+      case '--skip-memory':
+        o.skipMemory = true;
+        break;
+      case '--memory-clients':
+        o.memoryClients = ints(value(), flag).sort((x, y) => x - y);
+        break;
+      case '--profile':
+        o.profile = true;
+        break;
+      case '--profile-clients':
+        o.profileClients = ints(value(), flag)[0];
+        break;
+      case '--profile-protocol':
+        o.profileProtocol = oneOf(value(), PROTOCOLS, flag)[0];
+        break;
+      case '--no-build':
+        o.build = false;
+        break;
+      case '--out':
+        o.out = path.resolve(value());
+        break;
+      case '-h':
+      case '--help':
+        console.log(USAGE);
+        process.exit(0);
+        break;
+      default:
+        throw new Error(`unknown option ${a}\n${USAGE}`);
+    }
+  }
+  if (o.duration > 600) throw new Error('--duration: at most 600 s per cell');
+  if (o.memoryClients.some((n) => n > 15000)) throw new Error('--memory-clients: at most 15000 (file descriptor limits)');
+  return o;
+}
+
+// ------------------------------------------------------------------ process plumbing
+
+const t0 = Date.now();
+function log(msg: string): void {
+  const s = ((Date.now() - t0) / 1000).toFixed(1).padStart(6);
+  process.stderr.write(`[bench ${s}s] ${msg}\n`);
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  timedOut: boolean;
+}
+
+const children = new Set<ChildProcess>();
+
+function track(cp: ChildProcess): ChildProcess {
+  children.add(cp);
+  cp.once('exit', () => children.delete(cp));
+  return cp;
+}
+
+/** Runs a command to completion, killing it after `timeoutMs`. */
+function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs: number; cwd?: string }): Promise<RunResult> {
+  return new Promise((resolve) => {
+    const cp = track(spawn(cmd, args, { env: opts.env ?? process.env, cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] }));
+    let stdout = '';
+    let stderr = '';
+    let timedOut = false;
+    const cap = (s: string, add: string) => (s.length > 1_000_000 ? s : s + add);
+    cp.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout = cap(stdout, d)));
+    cp.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = cap(stderr, d)));
+    const timer = setTimeout(() => {
+      timedOut = true;
+      cp.kill('SIGTERM');
+      setTimeout(() => cp.kill('SIGKILL'), 3000).unref();
+    }, opts.timeoutMs);
+    cp.once('error', (err) => {
+      clearTimeout(timer);
+      resolve({ code: -1, signal: null, stdout, stderr: stderr + String(err), timedOut });
+    });
+    cp.once('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr, timedOut });
+    });
+  });
+}
+
+function exited(cp: ChildProcess): boolean {
+  return cp.exitCode !== null || cp.signalCode !== null;
+}
+
+/** SIGTERM, then SIGKILL after `graceMs`; resolves when the process is gone (bounded). */
+async function killChild(cp: ChildProcess, graceMs = 5000): Promise<void> {
+  if (exited(cp)) return;
+  const gone = new Promise<void>((r) => cp.once('exit', () => r()));
+  cp.kill('SIGTERM');
+  const t = await Promise.race([gone.then(() => true), sleep(graceMs).then(() => false)]);
+  if (!t && !exited(cp)) {
+    cp.kill('SIGKILL');
+    await Promise.race([gone, sleep(2000)]);
+  }
+}
+
+function tcpProbe(port: number, timeoutMs = 500): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port });
+    const done = (ok: boolean) => {
+      s.removeAllListeners();
+      s.destroy();
+      resolve(ok);
+    };
+    s.setTimeout(timeoutMs, () => done(false));
+    s.once('connect', () => done(true));
+    s.once('error', () => done(false));
+  });
+}
+
+async function waitForPort(port: number, cp: ChildProcess, timeoutMs: number, what: string, tail: () => string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (exited(cp)) throw new Error(`${what} exited during startup (code ${cp.exitCode}):\n${tail()}`);
+    if (await tcpProbe(port)) return;
+    await sleep(100);
+  }
+  throw new Error(`${what} did not listen on port ${port} within ${timeoutMs} ms:\n${tail()}`);
+}
+
+function rssKiB(pid: number): number {
+  const m = /^VmRSS:\s+(\d+)\s+kB/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (!m) throw new Error(`no VmRSS for pid ${pid}`);
+  return Number(m[1]);
+}
+
+/**
+ * CPU accounting, to tell how much of the machine something outside this benchmark used during a
+ * cell (other jobs on a shared box make numbers noisy). Our share is the CPU of this process and
+ * all its live descendants plus what they reaped (cutime/cstime), so exited backends count too.
+ */
+interface CpuSnapshot {
+  busy: number;
+  ours: number;
+  at: number;
+}
+const CLK_TCK = 100;
+
+function cpuSnapshot(): CpuSnapshot {
+  const line = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0];
+  const f = line.trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal
+  const busy = f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] ?? 0);
+  const stats = new Map<number, { ppid: number; cpu: number }>();
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const st = fs.readFileSync(`/proc/${d}/stat`, 'utf8');
+      const x = st.slice(st.lastIndexOf(')') + 2).split(' ');
+      stats.set(Number(d), { ppid: Number(x[1]), cpu: Number(x[11]) + Number(x[12]) + Number(x[13]) + Number(x[14]) });
+    } catch {
+      /* gone */
+    }
+  }
+  const kids = new Map<number, number[]>();
+  for (const [pid, s] of stats) {
+    const k = kids.get(s.ppid);
+    if (k) k.push(pid);
+    else kids.set(s.ppid, [pid]);
+  }
+  let ours = 0;
+  const stack = [process.pid];
+  for (let n = 0; stack.length && n < 100_000; n++) {
+    const pid = stack.pop()!;
+    ours += stats.get(pid)?.cpu ?? 0;
+    for (const c of kids.get(pid) ?? []) stack.push(c);
+  }
+  return { busy, ours, at: Date.now() };
+}
+
+/** CPU used outside this benchmark's process tree between two snapshots, in % of one core. */
+function foreignCpuPct(a: CpuSnapshot, b: CpuSnapshot): number {
+  const secs = Math.max(0.001, (b.at - a.at) / 1000);
+  const foreign = Math.max(0, b.busy - a.busy - (b.ours - a.ours));
+  return Math.round((100 * foreign) / CLK_TCK / secs);
+}
+
+/** Keeps the last lines a process wrote, for error messages. */
+function tailKeeper(max = 40): { push: (line: string) => void; text: () => string } {
+  const lines: string[] = [];
+  return {
+    push: (line) => {
+      lines.push(line);
+      if (lines.length > max) lines.shift();
+    },
+    text: () => lines.join('\n'),
+  };
+}
+
+// ------------------------------------------------------------------ environment
+
+const BENCH_USER = 'bench';
+const BENCH_PASSWORD = 'bench-password-not-secret';
+const BENCH_DB = 'bench';
+const AUTH_ROLE = 'trustgate_auth';
+const AUTH_PASSWORD = 'trustgate-auth-bench-password';
+const AUTH_ENV = 'TRUSTGATE_BENCH_AUTH_PASSWORD';
+
+function findPgbouncer(): string | null {
+  for (const p of ['/usr/sbin/pgbouncer', '/usr/bin/pgbouncer', '/usr/local/bin/pgbouncer', '/usr/local/sbin/pgbouncer']) {
+    if (fs.existsSync(p)) return p;
+  }
+  const r = spawnSync('bash', ['-c', 'command -v pgbouncer'], { encoding: 'utf8' });
+  const p = r.stdout?.trim();
+  return r.status === 0 && p ? p : null;
+}
+
+async function ensurePgbouncer(): Promise<string | null> {
+  const found = findPgbouncer();
+  if (found) return found;
+  if (process.getuid?.() !== 0) {
+    log('pgbouncer is not installed and we are not root: PgBouncer columns will be n/a');
+    return null;
+  }
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  log('pgbouncer not found: apt-get install -y pgbouncer');
+  let r = await run('apt-get', ['install', '-y', 'pgbouncer'], { env, timeoutMs: 300_000 });
+  if (r.code !== 0) {
+    log('install failed; apt-get update and retry');
+    await run('apt-get', ['update'], { env, timeoutMs: 300_000 });
+    r = await run('apt-get', ['install', '-y', 'pgbouncer'], { env, timeoutMs: 300_000 });
+  }
+  if (r.code !== 0) {
+    log(`could not install pgbouncer (PgBouncer columns will be n/a):\n${r.stderr.slice(-2000)}`);
+    return null;
+  }
+  // The Debian package starts a system pgbouncer on 6432; we run our own on a free port instead.
+  await run('bash', ['-c', 'service pgbouncer stop || true'], { timeoutMs: 30_000 });
+  return findPgbouncer();
+}
+
+function versionOf(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 10_000 });
+  return (r.stdout || r.stderr || '').split('\n')[0].trim() || 'unknown';
+}
+
+function postgresIdentity(): { uid: number; gid: number } | null {
+  const uid = spawnSync('id', ['-u', 'postgres'], { encoding: 'utf8' });
+  const gid = spawnSync('id', ['-g', 'postgres'], { encoding: 'utf8' });
+  if (uid.status !== 0 || gid.status !== 0) return null;
+  return { uid: Number(uid.stdout.trim()), gid: Number(gid.stdout.trim()) };
+}
+
+// ------------------------------------------------------------------ trustgate child
+
+interface GatewayChild {
+  cp: ChildProcess;
+  pid: number;
+  port: number;
+  /** Asks the child for process.memoryUsage() (after a GC when started with --expose-gc). */
+  mem(): Promise<NodeJS.MemoryUsage>;
+  /** Graceful stop (writes the CPU profile when --cpu-prof is on). */
+  stop(): Promise<void>;
+  tail(): string;
+}
+
+interface GatewayLaunch {
+  /** Plain-JS launcher (transpiled bench/gateway-process.ts). */
+  launcher: string;
+  /** Gateway module URL for the launcher (compiled dist/gateway.js), or null to run src/ via tsx. */
+  gatewayModule: string | null;
+}
+
+async function prepareLauncher(opts: Options, tmp: string): Promise<GatewayLaunch> {
+  let distOk = false;
+  if (opts.build) {
+    log('building dist/ (npx tsc -p tsconfig.build.json)');
+    const r = await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, timeoutMs: 300_000 });
+    if (r.code !== 0) log(`warning: tsc -p tsconfig.build.json exited ${r.code}:\n${(r.stdout + r.stderr).slice(-2000)}`);
+  }
+  const dist = path.join(ROOT, 'dist', 'gateway.js');
+  if (fs.existsSync(dist)) distOk = true;
+  else log('warning: dist/gateway.js missing; the gateway child runs src/ through tsx');
+  const source = fs.readFileSync(path.join(ROOT, 'bench', 'gateway-process.ts'), 'utf8');
+  const js = ts.transpileModule(source, {
+    compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 },
+    fileName: 'gateway-process.ts',
+  }).outputText;
+  const launcher = path.join(tmp, 'gateway-process.mjs');
+  fs.writeFileSync(launcher, js);
+  return { launcher, gatewayModule: distOk ? pathToFileURL(dist).href : null };
+}
+
+async function startGatewayChild(
+  launch: GatewayLaunch,
+  config: Record<string, unknown>,
+  extra: { exposeGc?: boolean; cpuProfDir?: string } = {},
+): Promise<GatewayChild> {
+  const nodeArgs: string[] = [];
+  if (extra.exposeGc) nodeArgs.push('--expose-gc');
+  if (extra.cpuProfDir) nodeArgs.push('--cpu-prof', '--cpu-prof-dir', extra.cpuProfDir);
+  if (launch.gatewayModule) nodeArgs.push(launch.launcher);
+  else nodeArgs.push('--import', 'tsx', path.join(ROOT, 'bench', 'gateway-process.ts'));
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    TRUSTGATE_BENCH_CONFIG: JSON.stringify(config),
+    [AUTH_ENV]: AUTH_PASSWORD,
+  };
+  if (launch.gatewayModule) env.TRUSTGATE_GATEWAY_MODULE = launch.gatewayModule;
+  else delete env.TRUSTGATE_GATEWAY_MODULE;
+  // Raise the open-files limit to the hard limit for 10,000 idle clients (node cannot setrlimit).
+  const cp = track(
+    spawn('bash', ['-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@"', process.execPath, ...nodeArgs], {
+      cwd: ROOT,
+      env,
+      stdio: ['pipe', 'pipe', 'pipe'],
+    }),
+  );
+  const tail = tailKeeper();
+  const waiters: ((msg: Record<string, unknown>) => boolean)[] = [];
+  readline.createInterface({ input: cp.stdout! }).on('line', (line) => {
+    let msg: Record<string, unknown> | null = null;
+    try {
+      msg = JSON.parse(line) as Record<string, unknown>;
+    } catch {
+      /* not JSON */
+    }
+    if (msg && ('port' in msg || 'mem' in msg)) {
+      const i = waiters.findIndex((w) => w(msg!));
+      if (i >= 0) waiters.splice(i, 1);
+    } else tail.push(line);
+  });
+  readline.createInterface({ input: cp.stderr! }).on('line', (line) => tail.push(line));
+  cp.stdin!.on('error', () => undefined);
+  const next = <T>(key: string, timeoutMs: number): Promise<T> =>
+    new Promise((resolve, reject) => {
+      const w = (msg: Record<string, unknown>) => {
+        if (!(key in msg)) return false;
+        clearTimeout(timer);
+        cp.off('exit', onExit);
+        resolve(msg as T);
+        return true;
+      };
+      const onExit = () => {
+        clearTimeout(timer);
+        reject(new Error(`trustgate child exited (code ${cp.exitCode}):\n${tail.text()}`));
+      };
+      const timer = setTimeout(() => {
+        const i = waiters.indexOf(w);
+        if (i >= 0) waiters.splice(i, 1);
+        cp.off('exit', onExit);
+        reject(new Error(`trustgate child: no "${key}" reply within ${timeoutMs} ms:\n${tail.text()}`));
+      }, timeoutMs);
+      cp.once('exit', onExit);
+      waiters.push(w);
+    });
+  let hello: { port: number; pid: number };
+  try {
+    hello = await next<{ port: number; pid: number }>('port', 60_000);
+  } catch (err) {
+    await killChild(cp);
+    throw err;
+  }
+  return {
+    cp,
+    pid: hello.pid,
+    port: hello.port,
+    async mem() {
+      const p = next<{ mem: NodeJS.MemoryUsage }>('mem', 30_000);
+      cp.stdin!.write('mem\n');
+      return (await p).mem;
+    },
+    async stop() {
+      if (exited(cp)) return;
+      const gone = new Promise<void>((r) => cp.once('exit', () => r()));
+      cp.stdin!.write('stop\n');
+      if (!(await Promise.race([gone.then(() => true), sleep(15_000).then(() => false)]))) await killChild(cp);
+    },
+    tail: tail.text,
+  };
+}
+
+function gatewayConfig(pg: EmbeddedPostgres, poolSize: number): Record<string, unknown> {
+  return {
+    listen: { host: '127.0.0.1', port: 0 },
+    server: { host: pg.host, port: pg.port, tls: { mode: 'disable' } },
+    auth: { method: 'scram-sha-256', user: AUTH_ROLE, password_env: AUTH_ENV, database: 'postgres' },
+    pool: { mode: 'transaction', default_size: poolSize, max_client_connections: 11_000, wait_timeout_ms: 120_000 },
+    log: { level: 'warn' },
+  };
+}
+
+// ------------------------------------------------------------------ pgbouncer
+
+interface Bouncer {
+  cp: ChildProcess;
+  pid: number;
+  port: number;
+  tail(): string;
+}
+
+async function startPgbouncer(bin: string, dir: string, pg: EmbeddedPostgres, verifier: string, poolSize: number): Promise<Bouncer> {
+  const port = await findFreePort();
+  const authFile = path.join(dir, 'userlist.txt');
+  const ini = path.join(dir, 'pgbouncer.ini');
+  fs.writeFileSync(authFile, `"${BENCH_USER}" "${verifier}"\n`, { mode: 0o600 });
+  fs.writeFileSync(
+    ini,
+    [
+      '[databases]',
+      `${BENCH_DB} = host=127.0.0.1 port=${pg.port} dbname=${BENCH_DB}`,
+      '',
+      '[pgbouncer]',
+      'listen_addr = 127.0.0.1',
+      `listen_port = ${port}`,
+      'unix_socket_dir =',
+      'auth_type = scram-sha-256',
+      `auth_file = ${authFile}`,
+      'pool_mode = transaction',
+      `default_pool_size = ${poolSize}`,
+      'min_pool_size = 0',
+      'reserve_pool_size = 0',
+      'max_client_conn = 11000',
+      'max_db_connections = 0',
+      'ignore_startup_parameters = extra_float_digits,options',
+      'server_tls_sslmode = disable',
+      'client_tls_sslmode = disable',
+      'log_connections = 0',
+      'log_disconnections = 0',
+      'log_pooler_errors = 1',
+      'stats_period = 3600',
+      '',
+    ].join('\n'),
+    { mode: 0o600 },
+  );
+  const asRoot = process.getuid?.() === 0;
+  if (asRoot) {
+    const id = postgresIdentity();
+    if (!id) throw new Error('no "postgres" OS user to run pgbouncer as (it refuses to run as root)');
+    fs.chmodSync(dir, 0o755);
+    fs.chownSync(authFile, id.uid, id.gid);
+    fs.chownSync(ini, id.uid, id.gid);
+  }
+  const args = asRoot ? ['-u', 'postgres', ini] : [ini];
+  const cp = track(
+    spawn('bash', ['-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@"', bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] }),
+  );
+  const tail = tailKeeper();
+  readline.createInterface({ input: cp.stdout! }).on('line', tail.push);
+  readline.createInterface({ input: cp.stderr! }).on('line', tail.push);
+  try {
+    await waitForPort(port, cp, 20_000, 'pgbouncer', tail.text);
+  } catch (err) {
+    await killChild(cp);
+    throw err;
+  }
+  return { cp, pid: cp.pid!, port, tail: tail.text };
+}
+
+// ------------------------------------------------------------------ pgbench
+
+type CellStatus = 'ok' | 'failed' | 'unsupported' | 'skipped';
+
+interface Measurement {
+  status: CellStatus;
+  tps: number | null;
+  latencyMs: number | null;
+  transactions: number | null;
+  failedTransactions: number | null;
+  /** CPU used by processes outside this benchmark during the run, % of one core (noise indicator). */
+  foreignCpuPct?: number;
+  error?: string;
+}
+
+interface Cell {
+  clients: number;
+  protocol: Protocol;
+  results: Record<Target, Measurement>;
+}
+
+function pgbenchEnv(): NodeJS.ProcessEnv {
+  return { ...process.env, PGPASSWORD: BENCH_PASSWORD, PGSSLMODE: 'disable', PGCONNECT_TIMEOUT: '60', PGAPPNAME: 'pgbench' };
+}
+
+async function pgbench(port: number, clients: number, protocol: Protocol, duration: number): Promise<Measurement> {
+  const args = ['-S', '-n', '-T', String(duration), '-c', String(clients), '-j', String(Math.min(clients, 2)), '-M', protocol];
+  args.push('-h', '127.0.0.1', '-p', String(port), '-U', BENCH_USER, BENCH_DB);
+  const before = cpuSnapshot();
+  const r = await run('pgbench', args, { env: pgbenchEnv(), timeoutMs: duration * 1000 + 180_000 });
+  const foreign = foreignCpuPct(before, cpuSnapshot());
+  const out = `${r.stdout}\n${r.stderr}`;
+  const num = (re: RegExp) => {
+    const m = re.exec(out);
+    return m ? Number(m[1]) : null;
+  };
+  const tps = num(/^tps = ([\d.]+) \(without initial connection time\)/m);
+  const latencyMs = num(/^latency average = ([\d.]+) ms/m);
+  const transactions = num(/^number of transactions actually processed: (\d+)/m);
+  const failedTransactions = num(/^number of failed transactions: (\d+)/m);
+  if (r.code === 0 && tps !== null) return { status: 'ok', tps, latencyMs, transactions, failedTransactions, foreignCpuPct: foreign };
+  const errLines = out
+    .split('\n')
+    .filter((l) => /error|fatal|abort/i.test(l))
+    .slice(0, 3)
+    .join(' | ');
+  return {
+    status: 'failed',
+    tps,
+    latencyMs,
+    transactions,
+    failedTransactions,
+    foreignCpuPct: foreign,
+    error: (r.timedOut ? 'timed out; ' : '') + `exit ${r.code}: ${errLines || out.trim().split('\n').slice(-3).join(' | ')}`.slice(0, 500),
+  };
+}
+
+// ------------------------------------------------------------------ idle-client memory
+
+interface MemoryPoint {
+  clients: number;
+  opened: number;
+  rssKiB: number;
+  heapUsedKiB?: number;
+}
+
+interface MemoryResult {
+  target: 'trustgate' | 'pgbouncer';
+  baselineRssKiB: number;
+  baselineHeapUsedKiB?: number;
+  points: (MemoryPoint & { kibPerClient: number; heapKibPerClient?: number })[];
+  error?: string;
+}
+
+/** Opens up to `n` authenticated connections (bounded concurrency and time); returns them. */
+async function openIdle(port: number, n: number, keys: { clientKey: Buffer; serverKey: Buffer }, into: ServerConnection[]): Promise<number> {
+  const silent = createLogger('silent');
+  const endpoint = { host: '127.0.0.1', port, tls: { mode: 'disable' as const }, connectTimeoutMs: 30_000 };
+  const deadline = Date.now() + 180_000;
+  let started = 0;
+  let opened = 0;
+  let failures = 0;
+  let lastError = '';
+  const worker = async () => {
+    while (started < n && Date.now() < deadline && failures < 20) {
+      started++;
+      try {
+        into.push(await ServerConnection.connect(endpoint, BENCH_DB, BENCH_USER, { scramKeys: keys }, new Map(), silent));
+        opened++;
+      } catch (err) {
+        failures++;
+        lastError = (err as Error).message;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: 64 }, worker));
+  if (opened < n) throw new Error(`opened only ${opened}/${n} idle connections (${failures} failures; last: ${lastError})`);
+  return opened;
+}
+
+async function measureIdleMemory(
+  target: 'trustgate' | 'pgbouncer',
+  port: number,
+  pid: number,
+  counts: number[],
+  keys: { clientKey: Buffer; serverKey: Buffer },
+  heap?: () => Promise<NodeJS.MemoryUsage>,
+): Promise<MemoryResult> {
+  const conns: ServerConnection[] = [];
+  const settle = async () => {
+    await sleep(1500);
+    const m = heap ? await heap() : undefined;
+    await sleep(500);
+    return { rssKiB: rssKiB(pid), heapUsedKiB: m ? Math.round(m.heapUsed / 1024) : undefined };
+  };
+  try {
+    // Warm-up: one client runs a query (loads the pool, the auth connection, code paths), then leaves.
+    const warm: ServerConnection[] = [];
+    await openIdle(port, 1, keys, warm);
+    await warm[0].internalQuery('SELECT 1');
+    warm[0].terminate();
+    const base = await settle();
+    const result: MemoryResult = { target, baselineRssKiB: base.rssKiB, baselineHeapUsedKiB: base.heapUsedKiB, points: [] };
+    for (const n of counts) {
+      log(`${target}: opening idle clients up to ${n}`);
+      await openIdle(port, n - conns.length, keys, conns);
+      const m = await settle();
+      result.points.push({
+        clients: n,
+        opened: conns.length,
+        rssKiB: m.rssKiB,
+        heapUsedKiB: m.heapUsedKiB,
+        kibPerClient: (m.rssKiB - base.rssKiB) / n,
+        heapKibPerClient: m.heapUsedKiB !== undefined && base.heapUsedKiB !== undefined ? (m.heapUsedKiB - base.heapUsedKiB) / n : undefined,
+      });
+      log(`${target}: ${n} idle clients: RSS ${m.rssKiB} KiB (baseline ${base.rssKiB} KiB, ${((m.rssKiB - base.rssKiB) / n).toFixed(1)} KiB/client)`);
+    }
+    return result;
+  } finally {
+    for (const c of conns) c.terminate();
+    await sleep(1000);
+    for (const c of conns) c.destroy();
+  }
+}
+
+// ------------------------------------------------------------------ output
+
+const fmtInt = (n: number | null | undefined) => (n === null || n === undefined ? '–' : Math.round(n).toLocaleString('en-US'));
+const fmtLat = (n: number | null | undefined) => (n === null || n === undefined ? '–' : n.toFixed(3));
+
+function cellText(m: Measurement | undefined, f: (x: number | null) => string, which: 'tps' | 'lat'): string {
+  if (!m || m.status === 'skipped') return '–';
+  if (m.status === 'unsupported') return 'n/a (unsupported)';
+  if (m.status === 'failed') return 'failed';
+  return f(which === 'tps' ? m.tps : m.latencyMs);
+}
+
+function ratio(a: Measurement | undefined, b: Measurement | undefined): string {
+  if (a?.status !== 'ok' || b?.status !== 'ok' || !a.tps || !b.tps) return '–';
+  return `${(a.tps / b.tps).toFixed(2)}×`;
+}
+
+function markdownTable(cells: Cell[]): string {
+  const head = [
+    'clients',
+    'protocol',
+    'direct tps',
+    'trustgate tps',
+    'pgbouncer tps',
+    'trustgate/pgbouncer',
+    'trustgate/direct',
+    'direct lat ms',
+    'trustgate lat ms',
+    'pgbouncer lat ms',
+  ];
+  const rows = cells.map((c) => {
+    const r = c.results;
+    return [
+      String(c.clients),
+      c.protocol,
+      cellText(r.direct, fmtInt, 'tps'),
+      cellText(r.trustgate, fmtInt, 'tps'),
+      cellText(r.pgbouncer, fmtInt, 'tps'),
+      ratio(r.trustgate, r.pgbouncer),
+      ratio(r.trustgate, r.direct),
+      cellText(r.direct, fmtLat, 'lat'),
+      cellText(r.trustgate, fmtLat, 'lat'),
+      cellText(r.pgbouncer, fmtLat, 'lat'),
+    ];
+  });
+  const align = head.map((_, i) => (i < 2 ? ':--' : '--:'));
+  return [head, align, ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
+}
+
+function memoryTable(mem: MemoryResult[]): string {
+  const lines = ['| target | idle clients | RSS before (KiB) | RSS after (KiB) | KiB per idle client | JS heap KiB per client |', '| :-- | --: | --: | --: | --: | --: |'];
+  for (const m of mem) {
+    if (m.error) {
+      lines.push(`| ${m.target} | – | – | – | failed: ${m.error.replace(/\|/g, '/').slice(0, 120)} | – |`);
+      continue;
+    }
+    for (const p of m.points) {
+      lines.push(
+        `| ${m.target} | ${fmtInt(p.clients)} | ${fmtInt(m.baselineRssKiB)} | ${fmtInt(p.rssKiB)} | ${p.kibPerClient.toFixed(1)} | ${p.heapKibPerClient === undefined ? '–' : p.heapKibPerClient.toFixed(1)} |`,
+      );
+    }
+  }
+  return lines.join('\n');
+}
+
+const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+
+function niceMax(v: number): number {
+  if (v <= 0) return 1;
+  const p = 10 ** Math.floor(Math.log10(v));
+  for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+function svgChart(cells: Cell[], targets: Target[], subtitle: string): string {
+  const colors: Record<Target, string> = { direct: '#7f8c8d', trustgate: '#2c7be5', pgbouncer: '#e8833a' };
+  const barW = 26;
+  const gap = 34;
+  const groupW = targets.length * barW + gap;
+  const left = 80;
+  const top = 70;
+  const plotH = 320;
+  const bottom = 70;
+  const width = Math.max(640, left + cells.length * groupW + 30);
+  const height = top + plotH + bottom;
+  const maxTps = Math.max(1, ...cells.flatMap((c) => targets.map((t) => (c.results[t]?.status === 'ok' ? (c.results[t].tps ?? 0) : 0))));
+  const yMax = niceMax(maxTps * 1.08);
+  const y = (v: number) => top + plotH - (v / yMax) * plotH;
+  const out: string[] = [];
+  out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="system-ui, -apple-system, Segoe UI, sans-serif">`);
+  out.push(`<rect width="${width}" height="${height}" fill="#ffffff"/>`);
+  out.push(`<text x="${left}" y="26" font-size="17" font-weight="600" fill="#222">pgbench -S: transactions per second (higher is better)</text>`);
+  out.push(`<text x="${left}" y="46" font-size="12" fill="#555">${esc(subtitle)}</text>`);
+  for (let i = 0; i <= 5; i++) {
+    const v = (yMax / 5) * i;
+    const yy = y(v);
+    out.push(`<line x1="${left}" y1="${yy.toFixed(1)}" x2="${width - 20}" y2="${yy.toFixed(1)}" stroke="${i === 0 ? '#444' : '#e3e3e3'}" stroke-width="1"/>`);
+    out.push(`<text x="${left - 8}" y="${(yy + 4).toFixed(1)}" font-size="11" text-anchor="end" fill="#444">${fmtInt(v)}</text>`);
+  }
+  out.push(`<text x="18" y="${top + plotH / 2}" font-size="12" fill="#444" transform="rotate(-90 18 ${top + plotH / 2})" text-anchor="middle">tps</text>`);
+  cells.forEach((c, gi) => {
+    const gx = left + gap / 2 + gi * groupW;
+    targets.forEach((t, ti) => {
+      const m = c.results[t];
+      const x = gx + ti * barW;
+      if (m?.status === 'ok' && m.tps !== null) {
+        const yy = y(m.tps);
+        out.push(`<rect x="${x + 2}" y="${yy.toFixed(1)}" width="${barW - 4}" height="${(top + plotH - yy).toFixed(1)}" fill="${colors[t]}"><title>${esc(`${c.clients} clients, ${c.protocol}, ${t}: ${fmtInt(m.tps)} tps, ${fmtLat(m.latencyMs)} ms`)}</title></rect>`);
+        const label = m.tps >= 10000 ? `${(m.tps / 1000).toFixed(0)}k` : m.tps >= 1000 ? `${(m.tps / 1000).toFixed(1)}k` : fmtInt(m.tps);
+        out.push(`<text x="${x + barW / 2}" y="${(yy - 4).toFixed(1)}" font-size="9" text-anchor="middle" fill="#333">${label}</text>`);
+      } else {
+        const txt = m?.status === 'unsupported' ? 'n/a' : m?.status === 'failed' ? 'fail' : '–';
+        out.push(`<text x="${x + barW / 2}" y="${top + plotH - 6}" font-size="9" text-anchor="middle" fill="#b00">${txt}</text>`);
+      }
+    });
+    const cx = gx + (targets.length * barW) / 2;
+    out.push(`<text x="${cx}" y="${top + plotH + 18}" font-size="11" text-anchor="middle" fill="#222">${c.clients} client${c.clients === 1 ? '' : 's'}</text>`);
+    out.push(`<text x="${cx}" y="${top + plotH + 32}" font-size="11" text-anchor="middle" fill="#555">${c.protocol}</text>`);
+  });
+  let lx = left;
+  for (const t of targets) {
+    out.push(`<rect x="${lx}" y="${height - 22}" width="12" height="12" fill="${colors[t]}"/>`);
+    out.push(`<text x="${lx + 17}" y="${height - 12}" font-size="12" fill="#222">${t}</text>`);
+    lx += 110;
+  }
+  out.push('</svg>');
+  return `${out.join('\n')}\n`;
+}
+
+// ------------------------------------------------------------------ main
+
+interface Cleanup {
+  pg?: EmbeddedPostgres;
+  tmp?: string;
+}
+const cleanupState: Cleanup = {};
+let cleaning: Promise<void> | null = null;
+
+function cleanup(): Promise<void> {
+  cleaning ??= (async () => {
+    await Promise.all([...children].map((cp) => killChild(cp, 3000)));
+    if (cleanupState.pg) await cleanupState.pg.stop().catch((err: unknown) => log(`warning: stopping PostgreSQL: ${String(err)}`));
+    if (cleanupState.tmp) fs.rmSync(cleanupState.tmp, { recursive: true, force: true });
+  })();
+  return cleaning;
+}
+
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.on(sig, () => {
+    log(`${sig}: cleaning up`);
+    const force = setTimeout(() => process.exit(130), 30_000);
+    force.unref();
+    void cleanup().finally(() => process.exit(130));
+  });
+}
+
+async function main(): Promise<void> {
+  const opts = parseOptions(process.argv.slice(2));
+  const cellCount = opts.clients.length * opts.protocols.length * opts.targets.length;
+  // Watchdog: nothing below may run unbounded; this is the backstop.
+  const budgetMs = (cellCount * (opts.duration + 90) + opts.targets.length * (opts.warmup + 60) + 900 + (opts.profile ? opts.duration + 120 : 0)) * 1000;
+  const watchdog = setTimeout(() => {
+    log(`watchdog: run exceeded ${Math.round(budgetMs / 1000)} s; aborting`);
+    void cleanup().finally(() => process.exit(1));
+  }, budgetMs);
+  watchdog.unref();
+
+  for (const tool of ['pgbench', 'psql']) {
+    if (spawnSync('bash', ['-c', `command -v ${tool}`]).status !== 0) throw new Error(`${tool} not found (install the PostgreSQL client tools)`);
+  }
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'trustgate-bench-'));
+  cleanupState.tmp = tmp;
+
+  const wantBouncer = opts.targets.includes('pgbouncer');
+  const bouncerBin = wantBouncer ? await ensurePgbouncer() : null;
+  const launch = opts.targets.includes('trustgate') || opts.profile || !opts.skipMemory ? await prepareLauncher(opts, tmp) : null;
+
+  log('starting embedded PostgreSQL (max_connections 400, shared_buffers 256MB)');
+  const pg = new EmbeddedPostgres({ settings: { max_connections: 400, shared_buffers: '256MB' } });
+  cleanupState.pg = pg;
+  await pg.start();
+  await pg.query(`CREATE ROLE ${BENCH_USER} LOGIN PASSWORD '${BENCH_PASSWORD}'`);
+  await pg.query(`CREATE DATABASE ${BENCH_DB} OWNER ${BENCH_USER}`);
+  await installAuthFunction(
+    {
+      endpoint: { host: pg.host, port: pg.port, tls: { mode: 'disable' }, connectTimeoutMs: 10_000 },
+      database: 'postgres',
+      superuser: pg.superuser,
+      superuserPassword: pg.superuserPassword,
+      authRole: AUTH_ROLE,
+      authRolePassword: AUTH_PASSWORD,
+    },
+    createLogger('silent'),
+  );
+  const [{ rolpassword: verifier }] = await pg.query<{ rolpassword: string }>('SELECT rolpassword FROM pg_authid WHERE rolname = $1', [BENCH_USER]);
+  const secret = parseScramVerifier(verifier);
+  if (!secret) throw new Error(`role ${BENCH_USER} has no SCRAM verifier`);
+  const keys = scramKeysForPassword(BENCH_PASSWORD, secret)!;
+  const [{ server_version: pgVersion }] = await pg.query<{ server_version: string }>('SHOW server_version');
+
+  log(`pgbench -i -s ${opts.scale}`);
+  const init = await run('pgbench', ['-i', '-q', '-s', String(opts.scale), '-h', '127.0.0.1', '-p', String(pg.port), '-U', BENCH_USER, BENCH_DB], {
+    env: pgbenchEnv(),
+    timeoutMs: 900_000,
+  });
+  if (init.code !== 0) throw new Error(`pgbench -i failed:\n${init.stderr.slice(-2000)}`);
+
+  const ports: Partial<Record<Target, number>> = { direct: pg.port };
+  let gateway: GatewayChild | null = null;
+  let bouncer: Bouncer | null = null;
+  const unavailable: Partial<Record<Target, string>> = {};
+  if (opts.targets.includes('trustgate') && launch) {
+    gateway = await startGatewayChild(launch, gatewayConfig(pg, opts.poolSize));
+    ports.trustgate = gateway.port;
+    log(`trustgate child pid ${gateway.pid} on port ${gateway.port} (${launch.gatewayModule ? 'node dist/' : 'tsx src/'})`);
+  }
+  if (wantBouncer) {
+    if (bouncerBin) {
+      bouncer = await startPgbouncer(bouncerBin, tmp, pg, verifier, opts.poolSize);
+      ports.pgbouncer = bouncer.port;
+      log(`pgbouncer pid ${bouncer.pid} on port ${bouncer.port}`);
+    } else unavailable.pgbouncer = 'pgbouncer not installed';
+  }
+
+  if (opts.warmup > 0) {
+    for (const t of opts.targets) {
+      const port = ports[t];
+      if (port === undefined) continue;
+      log(`warm-up ${t} (${opts.warmup} s, 32 clients, simple)`);
+      await pgbench(port, 32, 'simple', opts.warmup);
+    }
+  }
+
+  const cells: Cell[] = [];
+  let i = 0;
+  for (const clients of opts.clients) {
+    for (const protocol of opts.protocols) {
+      const cell: Cell = { clients, protocol, results: {} as Record<Target, Measurement> };
+      for (const t of TARGETS) {
+        const port = ports[t];
+        if (!opts.targets.includes(t) || port === undefined) {
+          cell.results[t] = { status: 'skipped', tps: null, latencyMs: null, transactions: null, failedTransactions: null, error: unavailable[t] };
+          continue;
+        }
+        i++;
+        const m = await pgbench(port, clients, protocol, opts.duration);
+        if (m.status === 'failed' && t === 'pgbouncer' && protocol === 'prepared') m.status = 'unsupported';
+        cell.results[t] = m;
+        log(
+          `[${i}/${cellCount}] ${String(clients).padStart(3)} clients ${protocol.padEnd(8)} ${t.padEnd(9)} ` +
+            (m.status === 'ok' ? `${fmtInt(m.tps).padStart(8)} tps  ${fmtLat(m.latencyMs)} ms` : `${m.status}: ${m.error ?? ''}`) +
+            (m.foreignCpuPct !== undefined && m.foreignCpuPct >= 10 ? `  [other processes used ${m.foreignCpuPct}% of a core]` : ''),
+        );
+        if (t === 'trustgate' && gateway && exited(gateway.cp)) throw new Error(`trustgate child died:\n${gateway.tail()}`);
+        if (t === 'pgbouncer' && bouncer && exited(bouncer.cp)) throw new Error(`pgbouncer died:\n${bouncer.tail()}`);
+      }
+      cells.push(cell);
+    }
+  }
+  if (gateway) {
+    await gateway.stop();
+    gateway = null;
+  }
+
+  // ---------------------------------------------------------------- memory
+  const memory: MemoryResult[] = [];
+  if (!opts.skipMemory && launch) {
+    const g = await startGatewayChild(launch, gatewayConfig(pg, opts.poolSize), { exposeGc: true });
+    try {
+      memory.push(await measureIdleMemory('trustgate', g.port, g.pid, opts.memoryClients, keys, () => g.mem()));
+    } catch (err) {
+      log(`trustgate memory measurement failed: ${(err as Error).message}`);
+      memory.push({ target: 'trustgate', baselineRssKiB: 0, points: [], error: (err as Error).message });
+    } finally {
+      await g.stop();
+    }
+    if (bouncer) {
+      try {
+        memory.push(await measureIdleMemory('pgbouncer', bouncer.port, bouncer.pid, opts.memoryClients, keys));
+      } catch (err) {
+        log(`pgbouncer memory measurement failed: ${(err as Error).message}`);
+        memory.push({ target: 'pgbouncer', baselineRssKiB: 0, points: [], error: (err as Error).message });
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- profile
+  let profileText: string | null = null;
+  if (opts.profile && launch) {
+    const profDir = path.join(tmp, 'cpuprofile');
+    fs.mkdirSync(profDir, { recursive: true });
+    const g = await startGatewayChild(launch, gatewayConfig(pg, opts.poolSize), { cpuProfDir: profDir });
+    let m: Measurement;
+    try {
+      log(`profiling trustgate: ${opts.profileClients} clients, ${opts.profileProtocol}, ${opts.duration} s`);
+      await pgbench(g.port, opts.profileClients, opts.profileProtocol, Math.min(3, opts.duration));
+      m = await pgbench(g.port, opts.profileClients, opts.profileProtocol, opts.duration);
+    } finally {
+      await g.stop();
+    }
+    const file = fs.readdirSync(profDir).find((f) => f.endsWith('.cpuprofile'));
+    if (file) {
+      const saved = path.join(opts.out, 'latest.cpuprofile');
+      fs.mkdirSync(opts.out, { recursive: true });
+      fs.copyFileSync(path.join(profDir, file), saved);
+      const summary = summarizeProfile(saved, ROOT);
+      profileText =
+        `CPU profile of the trustgate child: pgbench -S -M ${opts.profileProtocol} -c ${opts.profileClients}, ${opts.duration} s ` +
+        `(${m.status === 'ok' ? `${fmtInt(m.tps)} tps under the profiler` : m.status})\n\n${formatProfileSummary(summary, 30)}`;
+      fs.writeFileSync(path.join(opts.out, 'latest-profile.txt'), profileText);
+      log(`profile written to ${path.relative(ROOT, saved)} and latest-profile.txt`);
+    } else log('no .cpuprofile was written');
+  }
+
+  // ---------------------------------------------------------------- report
+  const bouncerVersion = bouncerBin ? versionOf(bouncerBin, ['--version']) : 'not installed';
+  const machine = {
+    cores: os.cpus().length,
+    cpu: os.cpus()[0]?.model ?? 'unknown',
+    memoryGiB: Math.round(os.totalmem() / 2 ** 30),
+    kernel: `${os.type()} ${os.release()}`,
+    node: process.version,
+    postgres: pgVersion,
+    pgbench: versionOf('pgbench', ['--version']),
+    pgbouncer: bouncerVersion,
+    openFilesLimit: spawnSync('bash', ['-c', 'ulimit -Hn'], { encoding: 'utf8' }).stdout.trim(),
+  };
+  const settings = {
+    duration: opts.duration,
+    scale: opts.scale,
+    poolSize: opts.poolSize,
+    poolMode: 'transaction',
+    postgres: { max_connections: 400, shared_buffers: '256MB' },
+    pgbench: `pgbench -S -n -T ${opts.duration} -c <clients> -j <min(clients,2)> -M <protocol>`,
+    trustgate: `separate process (${launch?.gatewayModule ? 'node dist/' : 'tsx src/'}), log level warn, auth scram-sha-256 via auth query`,
+    pgbouncer: 'auth_type scram-sha-256 (auth_file with the pg_authid verifier), pool_mode transaction, log_connections/disconnections off',
+    warmup: opts.warmup,
+  };
+  const noise = { max: 0, noisy: [] as string[] };
+  for (const c of cells) {
+    for (const t of TARGETS) {
+      const f = c.results[t]?.foreignCpuPct;
+      if (f === undefined) continue;
+      noise.max = Math.max(noise.max, f);
+      if (f >= 10) noise.noisy.push(`${c.clients}/${c.protocol}/${t} ${f}%`);
+    }
+  }
+  const date = new Date().toISOString();
+  const table = markdownTable(cells);
+  const subtitle = `${machine.cores} cores · node ${machine.node} · PostgreSQL ${machine.postgres} · ${machine.pgbouncer} · pool ${opts.poolSize} (transaction) · ${opts.duration} s/cell · ${date.slice(0, 10)}`;
+  fs.mkdirSync(opts.out, { recursive: true });
+  fs.writeFileSync(path.join(opts.out, 'latest.json'), `${JSON.stringify({ date, machine, settings, cells, memory, profile: profileText }, null, 2)}\n`);
+  const md = [
+    '# trustgate benchmark',
+    '',
+    `- date: ${date}`,
+    `- machine: ${machine.cores} cores (${machine.cpu}), ${machine.memoryGiB} GiB, ${machine.kernel}`,
+    `- node ${machine.node}; PostgreSQL ${machine.postgres} (embedded, max_connections 400, shared_buffers 256MB); ${machine.pgbench}; ${machine.pgbouncer}`,
+    `- workload: \`${settings.pgbench}\` after \`pgbench -i -s ${opts.scale}\`; ${opts.duration} s per cell; ${opts.warmup} s unrecorded warm-up per target`,
+    `- both poolers: transaction mode, pool size ${opts.poolSize} server connections; clients authenticate with SCRAM-SHA-256; everything on 127.0.0.1 TCP`,
+    '- everything (pgbench, poolers, PostgreSQL) shares the same cores, so pooler CPU competes with PostgreSQL and pgbench',
+    '- "n/a (unsupported)": PgBouncer < 1.21 cannot keep protocol-level prepared statements in transaction mode (pgbench fails with "prepared statement … already exists/does not exist"); with 1 client it can work by luck, because the client keeps getting the same server connection',
+    `- noise: CPU used by processes outside the benchmark during a cell was at most ${noise.max}% of one core${noise.noisy.length ? ` (≥ 10% in: ${noise.noisy.join(', ')})` : ''}`,
+    '',
+    '## pgbench -S (tps, mean latency)',
+    '',
+    table,
+    '',
+    '![tps chart](latest.svg)',
+    '',
+  ];
+  if (memory.length) {
+    md.push('## Idle client connections (RSS of the pooler process)', '', memoryTable(memory), '');
+    md.push('RSS from /proc/<pid>/status (VmRSS) after a 1 s settle (trustgate: after a forced GC); baseline after one warm-up client. Increments are cumulative from the baseline.', '');
+  }
+  if (profileText) md.push('## CPU profile', '', '```', profileText.trimEnd(), '```', '');
+  fs.writeFileSync(path.join(opts.out, 'latest.md'), md.join('\n'));
+  fs.writeFileSync(path.join(opts.out, 'latest.svg'), svgChart(cells, opts.targets, subtitle));
+
+  console.log(`\n${table}\n`);
+  if (memory.length) console.log(`${memoryTable(memory)}\n`);
+  if (profileText) console.log(`${profileText}\n`);
+  console.log(`results: ${path.relative(process.cwd(), path.join(opts.out, 'latest.md'))}, latest.json, latest.svg`);
+  if (bouncer) await killChild(bouncer.cp);
+}
+
+main()
+  .then(async () => {
+    await cleanup();
+    log('done');
+    process.exit(0);
+  })
+  .catch(async (err: unknown) => {
+    log(`FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    await cleanup();
+    process.exit(1);
+  });
