@@ -3,7 +3,7 @@
  * pg-copy-streams) and postgres.js. Queries, prepared statements, transactions, errors, COPY,
  * LISTEN/NOTIFY, cancellation (including a stale cancel key that must not hit another client).
  */
-import { describe, test, before, after } from 'node:test';
+import { describe, test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { createHash } from 'node:crypto';
@@ -72,16 +72,17 @@ for (const mode of MODES) {
 
     before(async () => {
       stack = await startStack({
-        pool: { mode, default_size: 4, wait_timeout_ms: 10_000 },
+        pool: { mode, default_size: 8, wait_timeout_ms: 10_000 },
         // `one` routes to postgres with a single server connection (stale-cancel test),
         // `two` with two (postgres.js concurrency test).
         databases: { one: { dbname: 'postgres', pool_size: 1 }, two: { dbname: 'postgres', pool_size: 2 } },
       });
     });
-    after(async () => {
-      await Promise.all(clients.map((c) => c.end().catch(() => undefined)));
-      await stack?.stop();
+    // Session mode ties a server connection to each client: close clients after every test.
+    afterEach(async () => {
+      await Promise.all(clients.splice(0).map((c) => c.end().catch(() => undefined)));
     });
+    after(() => stack?.stop());
 
     describe('node-postgres', () => {
       test('parameterized queries', async () => {

@@ -756,10 +756,9 @@ describe('frontend decoders', () => {
       [msg('p', cstr('SCRAM-SHA-256'), i32(-2)), /bad data length/],
       [msg('p', cstr('SCRAM-SHA-256'), i32(5), Buffer.from('abc')), /bad data length/],
       [msg('p', cstr('SCRAM-SHA-256'), i32(1), Buffer.from('abc')), /bad data length/],
-      [msg('p', cstr('SCRAM-SHA-256'), i32(-1), Buffer.from('x')), /.*/],
       [msg('p', Buffer.from('SCRAM')), /unterminated/],
     ];
-    for (const [b, re] of bad.slice(0, 5).concat(bad.slice(6))) {
+    for (const [b, re] of bad) {
       const e = embedded(b);
       e.buf.fill(0, e.end);
       assertMalformed(() => decodeSASLInitialResponse(e.buf, e.start, e.end), re);
