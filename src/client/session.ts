@@ -76,6 +76,19 @@ const SWALLOW = 1;
 /** Parameters reported by PostgreSQL that a client may set at startup and expects to keep. */
 const STARTUP_PARAMS_NOT_FORWARDED = new Set(['user', 'database', 'replication', 'options']);
 
+/**
+ * What to undo when PostgreSQL skips a request after an error in the same batch (up to Sync):
+ * the gateway's books on which statements exist must follow what really happened.
+ */
+interface StatementUndo {
+  /** parse: a Parse sent to the server; virtual-parse: a Parse the gateway answered itself;
+   *  evict: a Close of a least-recently-used statement; close: a client Close answered by the gateway. */
+  kind: 'parse' | 'virtual-parse' | 'evict' | 'close';
+  serverName: string;
+  clientName: string | null;
+  statement: ClientStatement | null;
+}
+
 interface ClientStatement {
   serverName: string;
   /** The Parse message under the server name, to prepare it on any server that lacks it. */
@@ -111,6 +124,7 @@ export class ClientSession implements PoolWaiter {
   private expectKind: number[] = [];
   private expectAction: number[] = [];
   private expectPayload: (Buffer | null)[] = [];
+  private expectUndo: (StatementUndo | null)[] = [];
   private expectHead = 0;
   private pendingSyncs = 0;
   private unsynced = false;
@@ -380,12 +394,14 @@ export class ClientSession implements PoolWaiter {
         const stmt: ClientStatement = { serverName, parse: rewriteParse(buf, start, end, msg, serverName) };
         this.statements.set(msg.name, stmt);
         const prepared = this.server!.prepared;
+        const undo: StatementUndo = { kind: 'parse', serverName, clientName: msg.name, statement: stmt };
         if (prepared.has(serverName)) {
           prepared.delete(serverName);
           prepared.set(serverName, true);
-          this.synthetic(parseComplete());
+          undo.kind = 'virtual-parse';
+          this.synthetic(parseComplete(), undo);
         } else {
-          this.sendMessage(stmt.parse, Expect.Parse, FORWARD);
+          this.sendMessage(stmt.parse, Expect.Parse, FORWARD, undo);
           this.notePrepared(serverName);
         }
         return;
@@ -418,8 +434,9 @@ export class ClientSession implements PoolWaiter {
         const t = decodeTarget(buf, start, end);
         if (t.kind === 0x53 && t.name !== '') {
           // The server keeps its copy for other clients; the client's name is forgotten.
+          const statement = this.statements.get(t.name) ?? null;
           this.statements.delete(t.name);
-          this.synthetic(closeComplete());
+          this.synthetic(closeComplete(), statement && { kind: 'close', serverName: statement.serverName, clientName: t.name, statement });
           return;
         }
         this.forward(buf, start, end, Expect.Close);
@@ -478,7 +495,7 @@ export class ClientSession implements PoolWaiter {
       prepared.set(stmt.serverName, true);
     } else {
       // This server has not seen the statement: prepare it first, its ParseComplete is ours.
-      this.sendMessage(stmt.parse, Expect.Parse, SWALLOW);
+      this.sendMessage(stmt.parse, Expect.Parse, SWALLOW, { kind: 'parse', serverName: stmt.serverName, clientName: null, statement: null });
       this.notePrepared(stmt.serverName);
     }
     return stmt;
@@ -491,30 +508,53 @@ export class ClientSession implements PoolWaiter {
     while (prepared.size > max && max > 0) {
       const oldest = prepared.keys().next().value as string;
       prepared.delete(oldest);
-      this.sendMessage(closeMessage(0x53, oldest), Expect.Close, SWALLOW);
+      this.sendMessage(closeMessage(0x53, oldest), Expect.Close, SWALLOW, { kind: 'evict', serverName: oldest, clientName: null, statement: null });
     }
   }
 
   private forward(buf: Buffer, start: number, end: number, kind: Expect): void {
     this.toServer.range(buf, start, end);
-    this.expect(kind, FORWARD, null);
+    this.expect(kind, FORWARD, null, null);
   }
 
-  private sendMessage(m: Buffer, kind: Expect, action: number): void {
+  private sendMessage(m: Buffer, kind: Expect, action: number, undo: StatementUndo | null = null): void {
     this.toServer.message(m);
-    this.expect(kind, action, null);
+    this.expect(kind, action, null, undo);
   }
 
-  private expect(kind: Expect, action: number, payload: Buffer | null): void {
+  private expect(kind: Expect, action: number, payload: Buffer | null, undo: StatementUndo | null): void {
     this.expectKind.push(kind);
     this.expectAction.push(action);
     this.expectPayload.push(payload);
+    this.expectUndo.push(undo);
   }
 
   /** A reply the gateway makes itself, in order with the server's replies. */
-  private synthetic(message: Buffer): void {
+  private synthetic(message: Buffer, undo: StatementUndo | null = null): void {
     if (this.expectHead === this.expectKind.length) this.toClient.message(message);
-    else this.expect(Expect.Synthetic, FORWARD, message);
+    else this.expect(Expect.Synthetic, FORWARD, message, undo);
+  }
+
+  /** PostgreSQL failed or skipped the request at the queue head: correct the books. */
+  private undoHead(): void {
+    const undo = this.expectUndo[this.expectHead];
+    if (!undo) return;
+    const prepared = this.server!.prepared;
+    switch (undo.kind) {
+      case 'parse':
+        prepared.delete(undo.serverName);
+        if (undo.clientName !== null && this.statements.get(undo.clientName) === undo.statement) this.statements.delete(undo.clientName);
+        return;
+      case 'virtual-parse':
+        if (undo.clientName !== null && this.statements.get(undo.clientName) === undo.statement) this.statements.delete(undo.clientName);
+        return;
+      case 'evict':
+        prepared.set(undo.serverName, true);
+        return;
+      case 'close':
+        if (undo.clientName !== null && !this.statements.has(undo.clientName)) this.statements.set(undo.clientName, undo.statement!);
+        return;
+    }
   }
 
   /** An error the gateway raises in an extended-protocol batch: like the server, skip to Sync. */
@@ -619,46 +659,24 @@ export class ClientSession implements PoolWaiter {
         }
         // An extended-protocol request failed: the server skips everything up to Sync.
         this.toClient.range(buf, start, end);
+        this.undoHead();
         this.expectHead++;
-        while (this.expectHead < this.expectKind.length && this.expectKind[this.expectHead] !== Expect.Sync) this.expectHead++;
+        while (this.expectHead < this.expectKind.length && this.expectKind[this.expectHead] !== Expect.Sync) {
+          this.undoHead();
+          this.expectHead++;
+        }
         return;
-      case Backend.ParseComplete:
-      case Backend.BindComplete:
-      case Backend.CloseComplete:
-      case Backend.NoData:
-        if (kind === Expect.Parse || kind === Expect.Bind || kind === Expect.Close || kind === Expect.Describe) {
-          this.expectHead++;
-          if (action === FORWARD) this.toClient.range(buf, start, end);
-          this.afterCompletion();
-          return;
-        }
-        break;
-      case Backend.RowDescription:
-        if (kind === Expect.Describe) {
-          this.expectHead++;
-          this.toClient.range(buf, start, end);
-          this.afterCompletion();
-          return;
-        }
-        break;
       case Backend.CommandComplete:
         this.noteCommandTag(buf, start, end);
-        if (kind === Expect.Execute) {
-          this.expectHead++;
-          this.toClient.range(buf, start, end);
-          this.afterCompletion();
-          return;
-        }
         break;
-      case Backend.EmptyQueryResponse:
-      case Backend.PortalSuspended:
-        if (kind === Expect.Execute) {
-          this.expectHead++;
-          this.toClient.range(buf, start, end);
-          this.afterCompletion();
-          return;
-        }
-        break;
+    }
+    if (completes(type, kind)) {
+      this.expectHead++;
+      if (action === FORWARD) this.toClient.range(buf, start, end);
+      this.afterCompletion();
+      return;
+    }
+    switch (type) {
       case Backend.ParameterStatus:
         if (action === FORWARD) this.noteParameterStatus(buf, start, end);
         break;
@@ -680,6 +698,7 @@ export class ClientSession implements PoolWaiter {
       this.expectKind.length = 0;
       this.expectAction.length = 0;
       this.expectPayload.length = 0;
+      this.expectUndo.length = 0;
     }
   }
 
@@ -886,6 +905,24 @@ export class ClientSession implements PoolWaiter {
 
   get isInTransaction(): boolean {
     return this.server !== null && (this.server.txStatus !== TxStatus.Idle || this.pendingSyncs > 0);
+  }
+}
+
+/** Does a server message of `type` complete the request the queue head expects? */
+function completes(type: number, kind: number): boolean {
+  switch (kind) {
+    case Expect.Parse:
+      return type === Backend.ParseComplete;
+    case Expect.Bind:
+      return type === Backend.BindComplete;
+    case Expect.Close:
+      return type === Backend.CloseComplete;
+    case Expect.Describe:
+      return type === Backend.RowDescription || type === Backend.NoData;
+    case Expect.Execute:
+      return type === Backend.CommandComplete || type === Backend.EmptyQueryResponse || type === Backend.PortalSuspended;
+    default:
+      return false;
   }
 }
 
