@@ -307,6 +307,17 @@ function cpuSnapshot(): CpuSnapshot {
   return { busy, ours, at: Date.now() };
 }
 
+/** utime + stime of one process, in clock ticks. */
+function processCpuTicks(pid: number): number {
+  try {
+    const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const x = st.slice(st.lastIndexOf(')') + 2).split(' ');
+    return Number(x[11]) + Number(x[12]);
+  } catch {
+    return NaN;
+  }
+}
+
 /** CPU used outside this benchmark's process tree between two snapshots, in % of one core. */
 function foreignCpuPct(a: CpuSnapshot, b: CpuSnapshot): number {
   const secs = Math.max(0.001, (b.at - a.at) / 1000);
@@ -407,7 +418,8 @@ async function prepareLauncher(opts: Options, tmp: string): Promise<GatewayLaunc
     const r = await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, timeoutMs: 300_000 });
     if (r.code !== 0) log(`warning: tsc -p tsconfig.build.json exited ${r.code}:\n${(r.stdout + r.stderr).slice(-2000)}`);
   }
-  const dist = path.join(ROOT, 'dist', 'gateway.js');
+  // TRUSTGATE_BENCH_GATEWAY_MODULE=/path/to/other/dist/gateway.js benchmarks another build (A/B).
+  const dist = process.env.TRUSTGATE_BENCH_GATEWAY_MODULE ? path.resolve(process.env.TRUSTGATE_BENCH_GATEWAY_MODULE) : path.join(ROOT, 'dist', 'gateway.js');
   if (fs.existsSync(dist)) distOk = true;
   else log('warning: dist/gateway.js missing; the gateway child runs src/ through tsx');
   const source = fs.readFileSync(path.join(ROOT, 'bench', 'gateway-process.ts'), 'utf8');
@@ -428,6 +440,8 @@ async function startGatewayChild(
   const nodeArgs: string[] = [];
   if (extra.exposeGc) nodeArgs.push('--expose-gc');
   if (extra.cpuProfDir) nodeArgs.push('--cpu-prof', '--cpu-prof-dir', extra.cpuProfDir);
+  // Extra node flags for the gateway child, e.g. TRUSTGATE_BENCH_NODE_FLAGS=--perf-basic-prof for perf(1).
+  nodeArgs.push(...(process.env.TRUSTGATE_BENCH_NODE_FLAGS ?? '').split(/\s+/).filter(Boolean));
   if (launch.gatewayModule) nodeArgs.push(launch.launcher);
   else nodeArgs.push('--import', 'tsx', path.join(ROOT, 'bench', 'gateway-process.ts'));
   const env: NodeJS.ProcessEnv = {
@@ -598,6 +612,10 @@ interface Measurement {
   failedTransactions: number | null;
   /** CPU used by processes outside this benchmark during the run, % of one core (noise indicator). */
   foreignCpuPct?: number;
+  /** CPU time the pooler process spent per transaction (µs), for trustgate and PgBouncer. */
+  poolerCpuUsPerTxn?: number;
+  /** Pooler process CPU during the run, % of one core. */
+  poolerCpuPct?: number;
   error?: string;
 }
 
@@ -611,12 +629,15 @@ function pgbenchEnv(): NodeJS.ProcessEnv {
   return { ...process.env, PGPASSWORD: BENCH_PASSWORD, PGSSLMODE: 'disable', PGCONNECT_TIMEOUT: '60', PGAPPNAME: 'pgbench' };
 }
 
-async function pgbench(port: number, clients: number, protocol: Protocol, duration: number): Promise<Measurement> {
+async function pgbench(port: number, clients: number, protocol: Protocol, duration: number, poolerPid?: number): Promise<Measurement> {
   const args = ['-S', '-n', '-T', String(duration), '-c', String(clients), '-j', String(Math.min(clients, 2)), '-M', protocol];
   args.push('-h', '127.0.0.1', '-p', String(port), '-U', BENCH_USER, BENCH_DB);
   const before = cpuSnapshot();
+  const poolerBefore = poolerPid ? processCpuTicks(poolerPid) : NaN;
   const r = await run('pgbench', args, { env: pgbenchEnv(), timeoutMs: duration * 1000 + 180_000 });
-  const foreign = foreignCpuPct(before, cpuSnapshot());
+  const poolerTicks = poolerPid ? processCpuTicks(poolerPid) - poolerBefore : NaN;
+  const after = cpuSnapshot();
+  const foreign = foreignCpuPct(before, after);
   const out = `${r.stdout}\n${r.stderr}`;
   const num = (re: RegExp) => {
     const m = re.exec(out);
@@ -626,7 +647,14 @@ async function pgbench(port: number, clients: number, protocol: Protocol, durati
   const latencyMs = num(/^latency average = ([\d.]+) ms/m);
   const transactions = num(/^number of transactions actually processed: (\d+)/m);
   const failedTransactions = num(/^number of failed transactions: (\d+)/m);
-  if (r.code === 0 && tps !== null) return { status: 'ok', tps, latencyMs, transactions, failedTransactions, foreignCpuPct: foreign };
+  const pooler =
+    Number.isFinite(poolerTicks) && transactions
+      ? {
+          poolerCpuUsPerTxn: Math.round((10 * ((poolerTicks / CLK_TCK) * 1e6)) / transactions) / 10,
+          poolerCpuPct: Math.round((100 * poolerTicks) / CLK_TCK / Math.max(0.001, (after.at - before.at) / 1000)),
+        }
+      : {};
+  if (r.code === 0 && tps !== null) return { status: 'ok', tps, latencyMs, transactions, failedTransactions, foreignCpuPct: foreign, ...pooler };
   const errLines = out
     .split('\n')
     .filter((l) => /error|fatal|abort/i.test(l))
@@ -778,6 +806,18 @@ function markdownTable(cells: Cell[]): string {
   });
   const align = head.map((_, i) => (i < 2 ? ':--' : '--:'));
   return [head, align, ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
+}
+
+function poolerCpuTable(cells: Cell[]): string {
+  const v = (m: Measurement | undefined, k: 'poolerCpuUsPerTxn' | 'poolerCpuPct') => (m?.status === 'ok' && m[k] !== undefined ? String(m[k]) : '–');
+  const lines = [
+    '| clients | protocol | trustgate µs CPU/txn | pgbouncer µs CPU/txn | trustgate CPU % of a core | pgbouncer CPU % of a core |',
+    '| :-- | :-- | --: | --: | --: | --: |',
+  ];
+  for (const c of cells) {
+    lines.push(`| ${c.clients} | ${c.protocol} | ${v(c.results.trustgate, 'poolerCpuUsPerTxn')} | ${v(c.results.pgbouncer, 'poolerCpuUsPerTxn')} | ${v(c.results.trustgate, 'poolerCpuPct')} | ${v(c.results.pgbouncer, 'poolerCpuPct')} |`);
+  }
+  return lines.join('\n');
 }
 
 function memoryTable(mem: MemoryResult[]): string {
@@ -976,12 +1016,14 @@ async function main(): Promise<void> {
           continue;
         }
         i++;
-        const m = await pgbench(port, clients, protocol, opts.duration);
+        const poolerPid = t === 'trustgate' ? gateway?.pid : t === 'pgbouncer' ? bouncer?.pid : undefined;
+        const m = await pgbench(port, clients, protocol, opts.duration, poolerPid);
         if (m.status === 'failed' && t === 'pgbouncer' && protocol === 'prepared') m.status = 'unsupported';
         cell.results[t] = m;
         log(
           `[${i}/${cellCount}] ${String(clients).padStart(3)} clients ${protocol.padEnd(8)} ${t.padEnd(9)} ` +
             (m.status === 'ok' ? `${fmtInt(m.tps).padStart(8)} tps  ${fmtLat(m.latencyMs)} ms` : `${m.status}: ${m.error ?? ''}`) +
+            (m.status === 'ok' && m.poolerCpuUsPerTxn !== undefined ? `  pooler ${m.poolerCpuUsPerTxn} µs CPU/txn (${m.poolerCpuPct}% of a core)` : '') +
             (m.foreignCpuPct !== undefined && m.foreignCpuPct >= 10 ? `  [other processes used ${m.foreignCpuPct}% of a core]` : ''),
         );
         if (t === 'trustgate' && gateway && exited(gateway.cp)) throw new Error(`trustgate child died:\n${gateway.tail()}`);
@@ -1101,6 +1143,12 @@ async function main(): Promise<void> {
     '',
     '![tps chart](latest.svg)',
     '',
+    '## Pooler CPU per transaction',
+    '',
+    'utime + stime of the pooler process (/proc/<pid>/stat) during the cell divided by the transactions pgbench completed. On this box everything shares the cores, so pooler CPU per transaction largely decides pooler throughput.',
+    '',
+    poolerCpuTable(cells),
+    '',
   ];
   if (memory.length) {
     md.push('## Idle client connections (RSS of the pooler process)', '', memoryTable(memory), '');
@@ -1111,6 +1159,7 @@ async function main(): Promise<void> {
   fs.writeFileSync(path.join(opts.out, 'latest.svg'), svgChart(cells, opts.targets, subtitle));
 
   console.log(`\n${table}\n`);
+  console.log(`${poolerCpuTable(cells)}\n`);
   if (memory.length) console.log(`${memoryTable(memory)}\n`);
   if (profileText) console.log(`${profileText}\n`);
   console.log(`results: ${path.relative(process.cwd(), path.join(opts.out, 'latest.md'))}, latest.json, latest.svg`);

@@ -109,6 +109,31 @@ for (const mode of MODES) {
         assert.equal(r.rows[0].t, 'x');
       });
 
+      test('startup parameters (statement_timeout, options -c list values) apply as on a direct connection', async () => {
+        const extra = { statement_timeout: 300, application_name: 'tg node', options: '-c search_path=pg_catalog,public -c work_mem=5MB' };
+        const settingsSql = `select current_setting('search_path') as sp, current_setting('work_mem') as wm,
+          current_setting('statement_timeout') as st, current_setting('application_name') as app`;
+        const direct = new pg.Client({ ...stack.pg.connectionConfig(), ...extra } as pg.ClientConfig);
+        await direct.connect();
+        const expected = (await direct.query(settingsSql)).rows[0];
+        await direct.end();
+        assert.equal(expected.sp, 'pg_catalog,public'); // a list, not the quoted name "pg_catalog,public"
+        const c = new pg.Client({ ...stack.clientConfig('app'), ...extra } as pg.ClientConfig);
+        c.on('error', () => undefined);
+        await c.connect();
+        clients.push(c);
+        assert.deepEqual((await c.query(settingsSql)).rows[0], expected);
+        const err = await c.query('select pg_sleep(3)').catch((e) => e);
+        assert.equal(err.code, '57014');
+        assert.match(err.message, /statement timeout/);
+        // Another client on the same server connections does not inherit them.
+        const plain = await connect();
+        const other = (await plain.query(settingsSql)).rows[0];
+        assert.equal(other.st, '0');
+        assert.equal(other.sp, '"$user", public');
+        assert.deepEqual((await c.query(settingsSql)).rows[0], expected);
+      });
+
       test('transaction with rollback', async () => {
         const c = await connect();
         await c.query('create table if not exists tx_t (id int)');
@@ -197,7 +222,7 @@ for (const mode of MODES) {
         await sender.query(`notify tg_chan, 'one'`);
         await sender.query(`select pg_notify('tg_chan', 'two')`);
         await sender.query('select pg_notify($1, $2)', ['tg_chan', 'three']);
-        for (let i = 0; i < 100 && got.length < 3; i++) await sleep(20);
+        for (let i = 0; i < 250 && got.length < 3; i++) await sleep(20);
         assert.deepEqual(
           got.map((g) => g.payload),
           ['one', 'two', 'three'],
@@ -205,7 +230,7 @@ for (const mode of MODES) {
         // The listener still runs queries, and still receives afterwards.
         assert.equal((await listener.query('select 5 as five')).rows[0].five, 5);
         await sender.query(`notify tg_chan, 'four'`);
-        for (let i = 0; i < 100 && got.length < 4; i++) await sleep(20);
+        for (let i = 0; i < 250 && got.length < 4; i++) await sleep(20);
         assert.equal(got[3]?.payload, 'four');
         await listener.query('unlisten tg_chan');
       });
@@ -243,6 +268,18 @@ for (const mode of MODES) {
         await rawCancel(stack.port, c.processID, (c.secretKey + 1) | 0);
         await rawCancel(stack.port, (c.processID + 1) | 0, c.secretKey);
         assert.equal(await q, 'done');
+      });
+
+      test('cancel requests do not leave client sessions behind', async () => {
+        const c = await connect();
+        const before = stack.gw.clientCount;
+        for (let i = 0; i < 5; i++) await rawCancel(stack.port, c.processID, (c.secretKey + 1 + i) | 0);
+        const q = c.query('select pg_sleep(30)').catch((e) => e);
+        await sleep(200);
+        await rawCancel(stack.port, c.processID, c.secretKey);
+        assert.equal((await q).code, '57014');
+        for (let i = 0; i < 50 && stack.gw.clientCount !== before; i++) await sleep(20);
+        assert.equal(stack.gw.clientCount, before, 'each cancel connection is forgotten once handled');
       });
 
       if (mode === 'transaction') {
@@ -347,7 +384,7 @@ for (const mode of MODES) {
         const { unlisten } = await sql.listen('pjs_chan', (payload) => got.push(payload));
         await sql.notify('pjs_chan', 'a');
         await sql.notify('pjs_chan', 'b');
-        for (let i = 0; i < 100 && got.length < 2; i++) await sleep(20);
+        for (let i = 0; i < 250 && got.length < 2; i++) await sleep(20);
         assert.deepEqual(got, ['a', 'b']);
         await unlisten();
       });

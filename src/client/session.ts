@@ -169,6 +169,8 @@ export class ClientSession implements PoolWaiter {
         this.log.info({ remote: this.remote, matched }, 'cancel request');
         this.phase = Phase.Closed;
         result.socket.destroy();
+        // Forget the session, or every cancel request leaks one and stop() waits for it.
+        this.ctx.sessionClosed(this);
         return;
       }
       this.socket = result.socket;
@@ -239,6 +241,7 @@ export class ClientSession implements PoolWaiter {
 
     if (this.admin) {
       this.finishLogin(this.ctx.adminParameters());
+      this.replayAuthQueue();
       return;
     }
     const pool = this.ctx.poolFor(this.database, this.user);
@@ -251,7 +254,14 @@ export class ClientSession implements PoolWaiter {
     this.phase = Phase.Ready;
     this.socket.pause();
     this.waitingForServer = true;
+    this.replayAuthQueue();
+    if ((this.phase as Phase) === Phase.Closed) return;
     pool.acquire(this);
+  }
+
+  /** Messages pipelined behind the last authentication message are handled now, not dropped. */
+  private replayAuthQueue(): void {
+    for (const m of this.authQueue.splice(0)) this.onClientMessage(m.type, m.buf, m.start, m.end);
   }
 
   private async lookupSecret() {
@@ -348,6 +358,8 @@ export class ClientSession implements PoolWaiter {
       return;
     }
     if (!this.server || this.backlog.length > 0) {
+      // Garbage is refused at once: it must not wait for (or borrow) a server connection first.
+      if (!isKnownFrontendType(type)) throw unknownType(type);
       // No server yet: keep the message and borrow one; the socket is paused meanwhile.
       this.backlog.push(buf.subarray(start, end));
       if (!this.waitingForServer) {
@@ -390,7 +402,7 @@ export class ClientSession implements PoolWaiter {
           this.syntheticError(new PgError(SqlState.DuplicatePreparedStatement, `prepared statement "${msg.name}" already exists`));
           return;
         }
-        const serverName = statementServerName(buf, msg.typesStart, end, msg.query);
+        const serverName = statementServerName(buf, msg.queryStart, end);
         const stmt: ClientStatement = { serverName, parse: rewriteParse(buf, start, end, msg, serverName) };
         this.statements.set(msg.name, stmt);
         const prepared = this.server!.prepared;
@@ -788,7 +800,9 @@ export class ClientSession implements PoolWaiter {
   private paramSyncSql(server: ServerConnection): string {
     const parts: string[] = [];
     for (const [k, v] of this.desiredParams) {
-      if (server.appliedParams.get(k) !== v) parts.push(`SET ${quoteIdent(k)} = ${quoteLiteral(v)}`);
+      // set_config parses the value like a startup parameter does (`SET x = 'a,b'` would turn a
+      // list such as search_path=a,b into the single quoted name "a,b").
+      if (server.appliedParams.get(k) !== v) parts.push(`SELECT pg_catalog.set_config(${quoteLiteral(k)}, ${quoteLiteral(v)}, false)`);
     }
     for (const k of server.appliedParams.keys()) {
       if (!this.desiredParams.has(k)) parts.push(`RESET ${quoteIdent(k)}`);
@@ -873,6 +887,9 @@ export class ClientSession implements PoolWaiter {
       if (busy) {
         // The client left mid-request: its server cannot be handed on safely.
         this.log.info({ server: server.id }, 'client left during a request; closing its server connection');
+        // A running query would keep the backend (and its pool slot) busy until it ends on its
+        // own: PostgreSQL reads the Terminate only then. Cancel it so the slot comes back now.
+        if (this.pendingSyncs > 0 || this.unsynced) this.ctx.sendCancel(server);
         this.pool!.discard(server);
       } else {
         this.pool!.release(server, !this.transactionMode || this.pinnedReason !== null);
@@ -961,9 +978,13 @@ function unknownType(type: number): PgError {
   return new PgError(SqlState.ProtocolViolation, `invalid frontend message type ${shown}`, 'FATAL');
 }
 
-/** Server-side name of a client statement: same SQL and parameter types → same name. */
-function statementServerName(buf: Buffer, typesStart: number, end: number, query: string): string {
-  const h = createHash('sha1').update(query).update(buf.subarray(typesStart, end)).digest('hex');
+/**
+ * Server-side name of a client statement: same SQL and parameter types → same name. Hashes the
+ * raw bytes (query, NUL, types): decoded text would map different non-UTF-8 queries (e.g. from a
+ * LATIN1 client) to the same name.
+ */
+function statementServerName(buf: Buffer, queryStart: number, end: number): string {
+  const h = createHash('sha1').update(buf.subarray(queryStart, end)).digest('hex');
   return `tg_${h.slice(0, 28)}`;
 }
 

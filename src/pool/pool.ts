@@ -34,10 +34,23 @@ interface QueuedWaiter {
   timer: NodeJS.Timeout | null;
 }
 
+/**
+ * dblink connections (named and unnamed) survive DISCARD ALL and would be handed to the next
+ * client, still logged in as whoever the last client connected as: close them if dblink is
+ * installed where the pool user can reach it.
+ */
+export const DBLINK_RESET =
+  'DO $tg$ DECLARE ns text; c text; BEGIN ' +
+  'SELECT pg_catalog.quote_ident(n.nspname) INTO ns FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace ' +
+  "WHERE e.extname = 'dblink' AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'); " +
+  'IF ns IS NULL THEN RETURN; END IF; ' +
+  "FOR c IN EXECUTE 'SELECT pg_catalog.unnest(' || ns || '.dblink_get_connections())' LOOP EXECUTE 'SELECT ' || ns || '.dblink_disconnect($1)' USING c; END LOOP; " +
+  "BEGIN EXECUTE 'SELECT ' || ns || '.dblink_disconnect()'; EXCEPTION WHEN OTHERS THEN NULL; END; END $tg$";
 /** Reset that leaves gateway-managed protocol-level prepared statements in place. */
 export const TRANSACTION_MODE_RESET =
   'CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; ' +
-  "DO $tg$ DECLARE s text; BEGIN FOR s IN SELECT name FROM pg_prepared_statements WHERE from_sql LOOP EXECUTE format('DEALLOCATE %I', s); END LOOP; END $tg$";
+  "DO $tg$ DECLARE s text; BEGIN FOR s IN SELECT name FROM pg_prepared_statements WHERE from_sql LOOP EXECUTE format('DEALLOCATE %I', s); END LOOP; END $tg$; " +
+  DBLINK_RESET;
 /** Session mode hands each client a clean session: everything goes. */
 export const SESSION_MODE_RESET = 'DISCARD ALL';
 
@@ -140,9 +153,13 @@ export class Pool {
       return;
     }
     if (needsReset || this.settings.resetAlways) {
-      const sql = this.settings.mode === 'session' ? SESSION_MODE_RESET : TRANSACTION_MODE_RESET;
       this.stats.resets++;
-      server.internalQuery(sql).then(
+      // DISCARD ALL must run alone (not in a transaction block), so dblink is closed separately.
+      const reset =
+        this.settings.mode === 'session'
+          ? server.internalQuery(SESSION_MODE_RESET).then(() => server.internalQuery(DBLINK_RESET))
+          : server.internalQuery(TRANSACTION_MODE_RESET);
+      reset.then(
         () => {
           if (this.settings.mode === 'session') server.prepared.clear();
           // Both resets run RESET ALL: the last client's startup parameters are gone (the pool

@@ -25,6 +25,8 @@ export class RawConnection {
   /** Bytes the gateway sent that did not frame (e.g. 'N' after an SSLRequest, or garbage). */
   framingError: Error | null = null;
   closed = false;
+  /** Every byte received, as it came. */
+  readonly received: Buffer[] = [];
   readonly closedPromise: Promise<void>;
   private readonly framer = new MessageFramer(1 << 30);
   private waiters: (() => void)[] = [];
@@ -33,6 +35,7 @@ export class RawConnection {
   constructor(readonly socket: net.Socket) {
     socket.on('error', () => undefined);
     socket.on('data', (chunk: Buffer) => {
+      this.received.push(chunk);
       if (this.framingError) return;
       try {
         this.framer.push(chunk, (type, buf, start, end) => {
@@ -143,6 +146,8 @@ export interface LoginOptions {
   /** Extra startup parameters (e.g. client_encoding, application_name). */
   params?: Record<string, string>;
   timeoutMs?: number;
+  /** Bytes sent in the same write as the final SASL response (pipelined behind authentication). */
+  pipelined?: Buffer;
 }
 
 /** Reads an Authentication message's sub-code and payload. */
@@ -176,7 +181,8 @@ export async function rawLogin(port: number, options: LoginOptions): Promise<Raw
     conn.write(saslInitialResponse(SCRAM_SHA_256, scram.clientFirst()));
     const cont = authRequest(await conn.next(timeout));
     if (cont.code !== 11) throw new Error(`expected AuthenticationSASLContinue, got code ${cont.code}`);
-    conn.write(saslResponse(scram.handleServerFirst(cont.payload.toString('utf8'))));
+    const final = saslResponse(scram.handleServerFirst(cont.payload.toString('utf8')));
+    conn.write(options.pipelined ? Buffer.concat([final, options.pipelined]) : final);
     const fin = authRequest(await conn.next(timeout));
     if (fin.code !== 12) throw new Error(`expected AuthenticationSASLFinal, got code ${fin.code}`);
     scram.verifyServerFinal(fin.payload.toString('utf8'));
