@@ -287,12 +287,15 @@ export class Pool {
         this.stats.connectsFailed++;
         this.lastConnectError = err;
         this.log.warn({ db: this.database, user: this.user, err: err.message }, 'server connection failed');
-        if (err.permanent && err.serverError) {
-          // Retrying cannot help: tell everyone waiting, with the server's own error.
+        if (err.permanent) {
+          // Retrying cannot help: tell everyone waiting, with the server's own error if any.
           const e = err.serverError;
+          const pgErr = e
+            ? new PgError(e.code, e.message, 'FATAL', e.detail)
+            : new PgError(SqlState.SqlclientUnableToEstablish, `trustgate could not connect to the server: ${err.message}`, 'FATAL');
           for (const q of this.queue.splice(0)) {
             if (q.timer) clearTimeout(q.timer);
-            q.waiter.onPoolError(new PgError(e.code, e.message, 'FATAL', e.detail));
+            q.waiter.onPoolError(pgErr);
           }
           return;
         }

@@ -41,12 +41,15 @@ export class ServerConnectError extends Error {
   constructor(
     message: string,
     readonly serverError?: ServerError,
+    /** Set for failures a retry cannot fix that carry no server error (TLS verification). */
+    private readonly notRetryable = false,
   ) {
     super(message);
     this.name = 'ServerConnectError';
   }
-  /** True when retrying cannot help (authentication, unknown database, …). */
+  /** True when retrying cannot help (authentication, unknown database, certificate, …). */
   get permanent(): boolean {
+    if (this.notRetryable) return true;
     const c = this.serverError?.code ?? '';
     return c.startsWith('28') || c === '3D000' || c === '42501' || c === '08P01' || c === '0A000';
   }
@@ -102,7 +105,8 @@ export class ServerConnection {
       socket = await negotiateServerTls(raw, endpoint.host, endpoint.tls);
     } catch (err) {
       raw.destroy();
-      throw new ServerConnectError((err as Error).message);
+      // A certificate or TLS-policy failure will not heal by retrying: fail the waiters now.
+      throw new ServerConnectError((err as Error).message, undefined, true);
     }
     socket.setNoDelay(true);
     const conn = new ServerConnection(socket, endpoint, database, user, parentLog);
