@@ -918,8 +918,10 @@ function cleanup(): Promise<void> {
   return cleaning;
 }
 
+let interrupted = false;
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   process.on(sig, () => {
+    interrupted = true;
     log(`${sig}: cleaning up`);
     const force = setTimeout(() => process.exit(130), 30_000);
     force.unref();
@@ -1173,7 +1175,8 @@ main()
     process.exit(0);
   })
   .catch(async (err: unknown) => {
-    log(`FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    if (interrupted) log('interrupted');
+    else log(`FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
     await cleanup();
-    process.exit(1);
+    process.exit(interrupted ? 130 : 1);
   });

@@ -585,3 +585,78 @@ describe('abrupt disconnects with a pool of one server connection', () => {
     await nextClientIsServed();
   });
 });
+
+// ------------------------------------------------------------------ session mode: the same for a dedicated server
+
+describe('abrupt disconnects in session mode (pool of one)', () => {
+  let base: Stack;
+  let stack: Stack;
+  const WAIT_TIMEOUT_MS = 3000;
+  before(async () => {
+    base = await startStack({ pool: { default_size: 1 } });
+    const { gw, logs } = await startGateway(base.pg, {
+      pool: { mode: 'session', default_size: 1, wait_timeout_ms: WAIT_TIMEOUT_MS },
+      limits: { startup_timeout_ms: 10_000 },
+    });
+    stack = stackOf(base.pg, gw, logs, false);
+  });
+  after(async () => {
+    await stack?.gw.stop(1000);
+    await base?.stop();
+  });
+
+  async function activeSleeps(): Promise<number> {
+    const r = await stack.pg.query<{ n: number }>(
+      `select count(*)::int as n from pg_stat_activity where usename = 'app' and query like '%pg_sleep(5)%' and state = 'active'`,
+    );
+    return r[0].n;
+  }
+
+  /** The next client gets the server back in time, clean, and in step (each reply is its own). */
+  async function nextClientIsServed(): Promise<void> {
+    const t0 = Date.now();
+    const c = await connect(stack);
+    try {
+      assert.ok(Date.now() - t0 < WAIT_TIMEOUT_MS, `served after ${Date.now() - t0} ms`);
+      for (let i = 1; i <= 5; i++) assert.equal((await c.query(`select ${i} as n`)).rows[0].n, i);
+      const r = await c.query('select txid_current_if_assigned() is null as no_xid, now() = statement_timestamp() as fresh');
+      assert.deepEqual(r.rows[0], { no_xid: true, fresh: true });
+      assert.equal((await c.query('select $1::int as n', [7])).rows[0].n, 7);
+    } finally {
+      await c.end();
+    }
+    await waitUntil('the abandoned query is no longer running', async () => (await activeSleeps()) === 0, 2000);
+    await settled(stack, 1);
+  }
+
+  for (const [name, bytes] of [
+    ['simple query', () => queryMessage('select pg_sleep(5)')],
+    [
+      'extended query',
+      () =>
+        Buffer.concat([
+          msg('P', cstr(''), cstr('select pg_sleep(5)'), i16(0)),
+          msg('B', cstr(''), cstr(''), i16(0), i16(0), i16(0)),
+          msg('E', cstr(''), i32(0)),
+          syncMessage(),
+        ]),
+    ],
+  ] as const) {
+    test(`disconnect in the middle of a long ${name}`, async () => {
+      const c = await login(stack);
+      c.write(bytes());
+      await waitUntil('the query runs', async () => (await activeSleeps()) === 1);
+      c.destroy();
+      await nextClientIsServed();
+    });
+  }
+
+  test('disconnect in the middle of an open transaction', async () => {
+    const c = await login(stack);
+    c.write(queryMessage('begin'));
+    const reply = await c.until('Z');
+    assert.equal(reply[reply.length - 1].bytes[5], 0x54, 'in transaction');
+    c.destroy();
+    await nextClientIsServed();
+  });
+});

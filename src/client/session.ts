@@ -377,6 +377,11 @@ export class ClientSession implements PoolWaiter {
     if (type === Frontend.Query) this.stats.queries++;
     else if (!isKnownFrontendType(type)) throw unknownType(type);
     else if (type === Frontend.Password) throw new PgError(SqlState.ProtocolViolation, 'unexpected password message after authentication', 'FATAL');
+    // Requests in flight (answered by ReadyForQuery), so that a client leaving mid-request gets
+    // its server closed rather than reset and handed on with the reply still to come.
+    if (type === Frontend.Query || type === Frontend.FunctionCall || type === Frontend.Sync) this.pendingSyncs++;
+    if (type === Frontend.Sync) this.unsynced = false;
+    else if (type === Frontend.Parse || type === Frontend.Bind || type === Frontend.Describe || type === Frontend.Execute || type === Frontend.Close) this.unsynced = true;
     this.toServer.range(buf, start, end);
   }
 
@@ -624,7 +629,10 @@ export class ClientSession implements PoolWaiter {
   };
 
   private readonly onServerMessageSession = (type: number, buf: Buffer, start: number, end: number): void => {
-    if (type === Backend.ReadyForQuery) this.server!.txStatus = buf[start + 5];
+    if (type === Backend.ReadyForQuery) {
+      this.server!.txStatus = buf[start + 5];
+      if (this.pendingSyncs > 0) this.pendingSyncs--;
+    }
     this.toClient.range(buf, start, end);
   };
 
