@@ -193,7 +193,7 @@ describe('bad input', () => {
     test('startup with protocol 2.0', () =>
       run(async () => {
         const c = await rawSend(stack, packet(i32(0x00020000), cstr('user'), cstr('app'), cstr('database'), cstr('postgres'), Buffer.from([0])));
-        await expectFatal(c, '08P01', /unsupported frontend protocol 2\.0/);
+        await expectFatal(c, '0A000', /unsupported frontend protocol 2\.0/);
       }));
 
     test('startup without terminator', () =>

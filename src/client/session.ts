@@ -26,6 +26,7 @@ import {
   readyForQuery,
   decodeParameterStatus,
   decodeError,
+  decodeNoticeFields,
 } from '../protocol/backend.js';
 import {
   closeMessage,
@@ -46,7 +47,7 @@ import { OutBatch } from './out-batch.js';
 import { authenticateClient, type AuthChannel } from '../auth/client-auth.js';
 import { classifySql } from '../sql/classify.js';
 import { nextConnectionId, type Logger } from '../log/logger.js';
-import type { ServerConnection } from '../server/server-connection.js';
+import { clearAppliedParams, type ServerConnection } from '../server/server-connection.js';
 import type { Pool, PoolWaiter } from '../pool/pool.js';
 import type { SessionContext } from './context.js';
 
@@ -69,6 +70,9 @@ const enum Expect {
   /** No server reply: the gateway answers with `payload` when this reaches the head. */
   Synthetic,
 }
+
+/** Bytes a client may queue while waiting for a server connection before it is paused. */
+const BACKLOG_PAUSE_BYTES = 1 << 20;
 
 const FORWARD = 0;
 const SWALLOW = 1;
@@ -112,11 +116,15 @@ export class ClientSession implements PoolWaiter {
   server: ServerConnection | null = null;
   private waitingForServer = false;
   private backlog: Buffer[] = [];
+  private backlogBytes = 0;
+  private pausedForBacklog = false;
   private readonly framer: MessageFramer;
   private readonly toServer = new OutBatch();
   private readonly toClient = new OutBatch();
   private cancelKey: { processId: number; secretKey: Buffer } | null = null;
   private desiredParams = new Map<string, string>();
+  /** Fingerprint of desiredParams, compared with the server's appliedParamsKey. */
+  private paramsKey = '';
   private startupTimer: NodeJS.Timeout | null = null;
   // --- transaction-mode bookkeeping ---
   private transactionMode = false;
@@ -125,12 +133,15 @@ export class ClientSession implements PoolWaiter {
   private expectAction: number[] = [];
   private expectPayload: (Buffer | null)[] = [];
   private expectUndo: (StatementUndo | null)[] = [];
+  /** Next free slot; [expectHead, expectTail) are the requests awaiting replies. */
+  private expectTail = 0;
   private expectHead = 0;
   private pendingSyncs = 0;
   private unsynced = false;
   private discardUntilSync = false;
   private releasePending = false;
   pinnedReason: string | null = null;
+  private serverSentFatal = false;
   /** Set by gateway-injected queries that failed, reported to the client once. */
   private injectedError: string | null = null;
   private authReceive: ((m: { type: number; buf: Buffer; start: number; end: number }) => void) | null = null;
@@ -213,6 +224,7 @@ export class ClientSession implements PoolWaiter {
       this.socket.write(negotiateProtocolVersion(Math.min(startup.minor, 2) === 2 ? 2 : 0, [...startup.options.keys()]));
     }
     this.desiredParams = startupParamsToSet(startup.params);
+    this.paramsKey = [...this.desiredParams].map(([k, v]) => `${k}\u0000${v}`).sort().join('\u0001');
     this.log.info({ remote: this.remote, user: this.user, db: this.database, tls: this.tls, app: this.applicationName }, 'client connected');
 
     // Authentication messages are read through the framer from here on.
@@ -360,11 +372,16 @@ export class ClientSession implements PoolWaiter {
     if (!this.server || this.backlog.length > 0) {
       // Garbage is refused at once: it must not wait for (or borrow) a server connection first.
       if (!isKnownFrontendType(type)) throw unknownType(type);
-      // No server yet: keep the message and borrow one; the socket is paused meanwhile.
+      // No server yet: keep the message and borrow one. Reading goes on (pausing and resuming a
+      // socket costs more than the wait) until the backlog grows past a bound.
       this.backlog.push(buf.subarray(start, end));
+      this.backlogBytes += end - start;
+      if (this.backlogBytes > BACKLOG_PAUSE_BYTES && !this.pausedForBacklog) {
+        this.pausedForBacklog = true;
+        this.socket.pause();
+      }
       if (!this.waitingForServer) {
         this.waitingForServer = true;
-        this.socket.pause();
         this.pool!.acquire(this);
       }
       return;
@@ -540,15 +557,16 @@ export class ClientSession implements PoolWaiter {
   }
 
   private expect(kind: Expect, action: number, payload: Buffer | null, undo: StatementUndo | null): void {
-    this.expectKind.push(kind);
-    this.expectAction.push(action);
-    this.expectPayload.push(payload);
-    this.expectUndo.push(undo);
+    const i = this.expectTail++;
+    this.expectKind[i] = kind;
+    this.expectAction[i] = action;
+    this.expectPayload[i] = payload;
+    this.expectUndo[i] = undo;
   }
 
   /** A reply the gateway makes itself, in order with the server's replies. */
   private synthetic(message: Buffer, undo: StatementUndo | null = null): void {
-    if (this.expectHead === this.expectKind.length) this.toClient.message(message);
+    if (this.expectHead === this.expectTail) this.toClient.message(message);
     else this.expect(Expect.Synthetic, FORWARD, message, undo);
   }
 
@@ -585,13 +603,14 @@ export class ClientSession implements PoolWaiter {
     if (!this.server) {
       if (!this.waitingForServer) {
         this.waitingForServer = true;
-        this.socket.pause();
         this.pool!.acquire(this);
       }
       return;
     }
     const backlog = this.backlog;
     this.backlog = [];
+    this.backlogBytes = 0;
+    this.resumeAfterBacklog();
     try {
       for (const m of backlog) {
         if (!this.server) {
@@ -613,6 +632,8 @@ export class ClientSession implements PoolWaiter {
   private readonly onServerData = (chunk: Buffer): void => {
     const server = this.server;
     if (!server) return;
+    // The server's own FATAL reaches the client as is; the gateway then adds none of its own.
+    if (chunk[0] === Backend.ErrorResponse && isFatal(chunk)) this.serverSentFatal = true;
     this.stats.bytesOut += chunk.length;
     try {
       server.framer.push(chunk, this.transactionMode ? this.onServerMessageTx : this.onServerMessageSession);
@@ -638,7 +659,7 @@ export class ClientSession implements PoolWaiter {
 
   private readonly onServerMessageTx = (type: number, buf: Buffer, start: number, end: number): void => {
     const server = this.server!;
-    if (this.expectHead === this.expectKind.length) {
+    if (this.expectHead === this.expectTail) {
       // Nothing outstanding: asynchronous messages (notices, notifications, parameter status).
       if (type === Backend.ParameterStatus) this.noteParameterStatus(buf, start, end);
       else if (type === Backend.ReadyForQuery) server.txStatus = buf[start + 5];
@@ -652,7 +673,7 @@ export class ClientSession implements PoolWaiter {
       case Backend.ReadyForQuery: {
         server.txStatus = buf[start + 5];
         let act = FORWARD;
-        while (this.expectHead < this.expectKind.length) {
+        while (this.expectHead < this.expectTail) {
           const k = this.expectKind[this.expectHead];
           const a = this.expectAction[this.expectHead];
           this.expectHead++;
@@ -681,7 +702,7 @@ export class ClientSession implements PoolWaiter {
         this.toClient.range(buf, start, end);
         this.undoHead();
         this.expectHead++;
-        while (this.expectHead < this.expectKind.length && this.expectKind[this.expectHead] !== Expect.Sync) {
+        while (this.expectHead < this.expectTail && this.expectKind[this.expectHead] !== Expect.Sync) {
           this.undoHead();
           this.expectHead++;
         }
@@ -709,16 +730,14 @@ export class ClientSession implements PoolWaiter {
 
   /** After a reply completed a request: emit gateway replies now at the head; compact the queue. */
   private afterCompletion(): void {
-    while (this.expectHead < this.expectKind.length && this.expectKind[this.expectHead] === Expect.Synthetic) {
+    while (this.expectHead < this.expectTail && this.expectKind[this.expectHead] === Expect.Synthetic) {
       this.toClient.message(this.expectPayload[this.expectHead]!);
       this.expectHead++;
     }
-    if (this.expectHead === this.expectKind.length && this.expectHead > 0) {
+    if (this.expectHead === this.expectTail && this.expectHead > 0) {
+      // Drained: start over at index 0, keeping the arrays (no reallocation per request).
       this.expectHead = 0;
-      this.expectKind.length = 0;
-      this.expectAction.length = 0;
-      this.expectPayload.length = 0;
-      this.expectUndo.length = 0;
+      this.expectTail = 0;
     }
   }
 
@@ -739,7 +758,7 @@ export class ClientSession implements PoolWaiter {
       const tag = buf.toString('latin1', start + 5, end - 1);
       if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
         this.server!.prepared.clear();
-        if (tag === 'DISCARD ALL') this.server!.appliedParams.clear();
+        if (tag === 'DISCARD ALL') clearAppliedParams(this.server!);
       }
     }
   }
@@ -764,8 +783,13 @@ export class ClientSession implements PoolWaiter {
       this.pendingSyncs++;
       this.markParamsApplied(server);
     }
-    this.socket.resume();
     this.processBacklog();
+  }
+
+  private resumeAfterBacklog(): void {
+    if (!this.pausedForBacklog) return;
+    this.pausedForBacklog = false;
+    if (this.phase !== Phase.Closed) this.socket.resume();
   }
 
   /** PoolWaiter: no server could be had. */
@@ -775,16 +799,36 @@ export class ClientSession implements PoolWaiter {
       this.fatal(new PgError(err.code, err.message, 'FATAL', err.detail));
       return;
     }
-    // Answer the waiting request with the error and ReadyForQuery, like a failed query.
+    // Answer the waiting requests as PostgreSQL answers failed ones: an error and ReadyForQuery
+    // per simple query; one error per extended batch, then ReadyForQuery at its Sync.
+    const replies: Buffer[] = [];
+    const error = errorResponse(err);
+    const ready = readyForQuery(TxStatus.Idle);
+    let batchFailed = false;
+    for (const m of this.backlog) {
+      const type = m[0];
+      if (type === Frontend.Query || type === Frontend.FunctionCall) replies.push(error, ready);
+      else if (type === Frontend.Sync) {
+        if (!batchFailed) replies.push(error);
+        replies.push(ready);
+        batchFailed = false;
+      } else if (!batchFailed && type !== Frontend.Flush && type !== Frontend.CopyData && type !== Frontend.CopyDone && type !== Frontend.CopyFail) {
+        replies.push(error);
+        batchFailed = true;
+      }
+    }
+    // The rest of a failed batch (until its Sync) is dropped, as PostgreSQL skips it.
+    this.discardUntilSync = batchFailed;
     this.backlog = [];
-    this.socket.write(Buffer.concat([errorResponse(err), readyForQuery(TxStatus.Idle)]));
-    this.socket.resume();
+    this.backlogBytes = 0;
+    this.socket.write(Buffer.concat(replies));
+    this.resumeAfterBacklog();
   }
 
   private link(server: ServerConnection): void {
     this.server = server;
     server.onData = this.onServerData;
-    server.onClose = () => this.onServerClosed(server);
+    server.onClose = this.onServerClosed;
   }
 
   /** Returns the server to the pool. */
@@ -792,7 +836,7 @@ export class ClientSession implements PoolWaiter {
     const server = this.server;
     if (!server) return;
     this.server = null;
-    server.onClose = () => {};
+    server.onClose = noop;
     this.pool!.release(server, needsReset);
   }
 
@@ -800,12 +844,13 @@ export class ClientSession implements PoolWaiter {
     const server = this.server;
     if (!server || !this.transactionMode || this.pinnedReason) return;
     if (this.pendingSyncs !== 0 || this.unsynced || server.txStatus !== TxStatus.Idle) return;
-    if (this.expectHead !== this.expectKind.length) return;
+    if (this.expectHead !== this.expectTail) return;
     this.unlink(false);
   }
 
   /** The SQL that gives `server` this client's startup parameters, or '' if it has them. */
   private paramSyncSql(server: ServerConnection): string {
+    if (server.appliedParamsKey === this.paramsKey) return '';
     const parts: string[] = [];
     for (const [k, v] of this.desiredParams) {
       // set_config parses the value like a startup parameter does (`SET x = 'a,b'` would turn a
@@ -821,6 +866,7 @@ export class ClientSession implements PoolWaiter {
   private markParamsApplied(server: ServerConnection): void {
     server.appliedParams.clear();
     for (const [k, v] of this.desiredParams) server.appliedParams.set(k, v);
+    server.appliedParamsKey = this.paramsKey;
   }
 
   // ---------------------------------------------------------------- flow control
@@ -867,12 +913,16 @@ export class ClientSession implements PoolWaiter {
 
   // ---------------------------------------------------------------- teardown
 
-  private onServerClosed(server: ServerConnection): void {
+  private readonly onServerClosed = (server: ServerConnection): void => {
     if (this.server !== server) return;
     this.server = null;
     this.log.warn({ server: server.id }, 'server connection closed while in use');
+    if (this.serverSentFatal) {
+      this.close();
+      return;
+    }
     this.fatal(new PgError(SqlState.AdminShutdown, 'server closed the connection unexpectedly', 'FATAL'));
-  }
+  };
 
   private onClientClosed(): void {
     if (this.phase === Phase.Closed) return;
@@ -890,7 +940,7 @@ export class ClientSession implements PoolWaiter {
     const server = this.server;
     if (server) {
       this.server = null;
-      server.onClose = () => {};
+      server.onClose = noop;
       const busy = this.pendingSyncs > 0 || this.unsynced || server.txStatus !== TxStatus.Idle;
       if (busy) {
         // The client left mid-request: its server cannot be handed on safely.
@@ -933,6 +983,15 @@ export class ClientSession implements PoolWaiter {
   }
 }
 
+/** Is the ErrorResponse at the start of `chunk` (complete) of severity FATAL or PANIC? */
+function noop(): void {}
+
+function isFatal(chunk: Buffer): boolean {
+  if (chunk.length < 5 || chunk.length < 1 + chunk.readInt32BE(1)) return false;
+  const severity = decodeNoticeFields(chunk, 0, 1 + chunk.readInt32BE(1)).get('V');
+  return severity === 'FATAL' || severity === 'PANIC';
+}
+
 /** Does a server message of `type` complete the request the queue head expects? */
 function completes(type: number, kind: number): boolean {
   switch (kind) {
@@ -956,7 +1015,8 @@ function toPgError(err: unknown): PgError {
   if (err instanceof FramingError) {
     return new PgError(err.code === 'too-long' ? SqlState.ProgramLimitExceeded : SqlState.ProtocolViolation, err.message, 'FATAL');
   }
-  if (err instanceof StartupError || err instanceof MalformedMessageError) return new PgError(SqlState.ProtocolViolation, err.message, 'FATAL');
+  if (err instanceof StartupError) return new PgError(err.sqlState, err.message, 'FATAL');
+  if (err instanceof MalformedMessageError) return new PgError(SqlState.ProtocolViolation, err.message, 'FATAL');
   return new PgError(SqlState.InternalError, `internal error: ${(err as Error)?.message ?? String(err)}`, 'FATAL');
 }
 

@@ -5,7 +5,7 @@
 import { PgError, SqlState } from '../protocol/sqlstate.js';
 import type { Logger } from '../log/logger.js';
 import { TxStatus } from '../protocol/constants.js';
-import { ServerConnectError, ServerConnection, type ServerCredentials, type ServerEndpoint } from '../server/server-connection.js';
+import { clearAppliedParams, ServerConnectError, ServerConnection, type ServerCredentials, type ServerEndpoint } from '../server/server-connection.js';
 import type { PoolMode } from '../config/schema.js';
 
 /** Someone waiting for a server connection (a client session). */
@@ -31,7 +31,6 @@ export interface PoolSettings {
 interface QueuedWaiter {
   waiter: PoolWaiter;
   since: number;
-  timer: NodeJS.Timeout | null;
 }
 
 /**
@@ -61,6 +60,7 @@ export class Pool {
   private total = 0;
   private connecting = 0;
   private retryTimer: NodeJS.Timeout | null = null;
+  private waitTimer: NodeJS.Timeout | null = null;
   private retryDelayMs = 250;
   private lastConnectError: ServerConnectError | null = null;
   private readonly all = new Set<ServerConnection>();
@@ -123,7 +123,6 @@ export class Pool {
     const i = this.queue.findIndex((q) => q.waiter === waiter);
     if (i >= 0) {
       const [q] = this.queue.splice(i, 1);
-      if (q.timer) clearTimeout(q.timer);
     }
   }
 
@@ -133,7 +132,7 @@ export class Pool {
    */
   release(server: ServerConnection, needsReset: boolean): void {
     if (server.closed) return;
-    server.onData = (chunk) => this.unexpectedData(server, chunk);
+    server.onData = server.idleOnData;
     if (server.cancelsInFlight > 0) {
       // Reuse only after the cancel has reached the server, so it cannot hit the next client.
       const check = setInterval(() => {
@@ -164,7 +163,7 @@ export class Pool {
           if (this.settings.mode === 'session') server.prepared.clear();
           // Both resets run RESET ALL: the last client's startup parameters are gone (the pool
           // opens servers without any), so the next client must get its own applied again.
-          server.appliedParams.clear();
+          clearAppliedParams(server);
           this.makeAvailable(server);
         },
         (err) => {
@@ -186,7 +185,6 @@ export class Pool {
     if (server.closed) return;
     const next = this.queue.shift();
     if (next) {
-      if (next.timer) clearTimeout(next.timer);
       this.stats.acquired++;
       this.stats.waited++;
       this.stats.waitMsTotal += Date.now() - next.since;
@@ -210,11 +208,24 @@ export class Pool {
   }
 
   private enqueue(waiter: PoolWaiter): void {
-    const q: QueuedWaiter = { waiter, since: Date.now(), timer: null };
-    if (this.settings.waitTimeoutMs > 0) {
-      q.timer = setTimeout(() => this.timeOut(q), this.settings.waitTimeoutMs);
-    }
-    this.queue.push(q);
+    this.queue.push({ waiter, since: Date.now() });
+    this.armWaitTimer();
+  }
+
+  /** One timer for the whole queue (not one per waiter): it fires at the oldest waiter's deadline. */
+  private armWaitTimer(): void {
+    const timeout = this.settings.waitTimeoutMs;
+    if (this.waitTimer || timeout === 0 || this.queue.length === 0) return;
+    let oldest = Infinity;
+    for (const q of this.queue) oldest = Math.min(oldest, q.since);
+    this.waitTimer = setTimeout(() => this.expireWaiters(), Math.max(0, oldest + timeout - Date.now()));
+  }
+
+  private expireWaiters(): void {
+    this.waitTimer = null;
+    const deadline = Date.now() - this.settings.waitTimeoutMs;
+    for (const q of this.queue.filter((w) => w.since <= deadline)) this.timeOut(q);
+    this.armWaitTimer();
   }
 
   private enqueueFront(waiter: PoolWaiter): void {
@@ -278,7 +289,8 @@ export class Pool {
         this.serverParams = new Map(server.params);
         this.log.info({ server: server.id, db: this.database, user: this.user, pid: server.processId }, 'server connection opened');
         server.addCloseListener(() => this.forget(server));
-        server.onData = (chunk) => this.unexpectedData(server, chunk);
+        server.idleOnData = (chunk) => this.unexpectedData(server, chunk);
+        server.onData = server.idleOnData;
         this.makeAvailable(server);
       },
       (err: ServerConnectError) => {
@@ -294,8 +306,7 @@ export class Pool {
             ? new PgError(e.code, e.message, 'FATAL', e.detail)
             : new PgError(SqlState.SqlclientUnableToEstablish, `trustgate could not connect to the server: ${err.message}`, 'FATAL');
           for (const q of this.queue.splice(0)) {
-            if (q.timer) clearTimeout(q.timer);
-            q.waiter.onPoolError(pgErr);
+                  q.waiter.onPoolError(pgErr);
           }
           return;
         }
@@ -329,9 +340,9 @@ export class Pool {
   close(): void {
     this.closed = true;
     if (this.retryTimer) clearTimeout(this.retryTimer);
+    if (this.waitTimer) clearTimeout(this.waitTimer);
     for (const s of this.idle.splice(0)) this.discard(s);
     for (const q of this.queue.splice(0)) {
-      if (q.timer) clearTimeout(q.timer);
       q.waiter.onPoolError(new PgError(SqlState.AdminShutdown, 'terminating connection due to administrator command', 'FATAL'));
     }
   }

@@ -19,8 +19,12 @@ export class FramingError extends Error {
 export type MessageHandler = (type: number, buf: Buffer, start: number, end: number) => void;
 
 export class MessageFramer {
-  /** Partial message being assembled (header and/or body), or null. */
-  private partial: Buffer | null = null;
+  /**
+   * Pieces of a message split across chunks, or null. Kept as pieces and joined once complete, so
+   * memory grows with the bytes actually received, not with the length a peer announces.
+   */
+  private parts: Buffer[] | null = null;
+  private partialTotal = 0;
   private partialFilled = 0;
   /**
    * Up to 4 header bytes seen before a partial message's length is known. Not from the shared
@@ -38,18 +42,18 @@ export class MessageFramer {
 
   /** True when bytes of an unfinished message are buffered. */
   get hasPartial(): boolean {
-    return this.headerFilled > 0 || this.partial !== null;
+    return this.headerFilled > 0 || this.parts !== null;
   }
 
   /** Bytes currently held for an unfinished message. */
   get bufferedBytes(): number {
-    return this.partial ? this.partialFilled : this.headerFilled;
+    return this.parts ? this.partialFilled : this.headerFilled;
   }
 
   push(chunk: Buffer, onMessage: MessageHandler): void {
     let pos = 0;
     const len = chunk.length;
-    if (this.headerFilled > 0 || this.partial) pos = this.continuePartial(chunk, onMessage);
+    if (this.headerFilled > 0 || this.parts) pos = this.continuePartial(chunk, onMessage);
     while (pos < len) {
       if (len - pos < 5) {
         chunk.copy(this.header, 0, pos, len);
@@ -64,8 +68,8 @@ export class MessageFramer {
         onMessage(type, chunk, pos, end);
         pos = end;
       } else {
-        this.partial = Buffer.allocUnsafe(1 + msgLen);
-        chunk.copy(this.partial, 0, pos, len);
+        this.parts = [chunk.subarray(pos, len)];
+        this.partialTotal = 1 + msgLen;
         this.partialFilled = len - pos;
         return;
       }
@@ -75,7 +79,7 @@ export class MessageFramer {
   /** Completes a message begun in an earlier chunk; returns the position after it. */
   private continuePartial(chunk: Buffer, onMessage: MessageHandler): number {
     let pos = 0;
-    if (!this.partial) {
+    if (!this.parts) {
       const need = 5 - this.headerFilled;
       const take = Math.min(need, chunk.length);
       chunk.copy(this.header, this.headerFilled, 0, take);
@@ -85,20 +89,21 @@ export class MessageFramer {
       const type = this.header[0];
       const msgLen = this.header.readInt32BE(1);
       this.checkLength(type, msgLen);
-      this.partial = Buffer.allocUnsafe(1 + msgLen);
-      this.header.copy(this.partial, 0, 0, 5);
+      this.parts = [Buffer.from(this.header)];
+      this.partialTotal = 1 + msgLen;
       this.partialFilled = 5;
       this.headerFilled = 0;
     }
-    const partial = this.partial;
-    const take = Math.min(partial.length - this.partialFilled, chunk.length - pos);
-    chunk.copy(partial, this.partialFilled, pos, pos + take);
+    const parts = this.parts;
+    const take = Math.min(this.partialTotal - this.partialFilled, chunk.length - pos);
+    if (take > 0) parts.push(chunk.subarray(pos, pos + take));
     this.partialFilled += take;
     pos += take;
-    if (this.partialFilled === partial.length) {
-      this.partial = null;
+    if (this.partialFilled === this.partialTotal) {
+      const whole = parts.length === 1 ? parts[0] : Buffer.concat(parts, this.partialTotal);
+      this.parts = null;
       this.partialFilled = 0;
-      onMessage(partial[0], partial, 0, partial.length);
+      onMessage(whole[0], whole, 0, whole.length);
     }
     return pos;
   }

@@ -14,7 +14,11 @@ export type StartupPacket =
   | { kind: 'startup'; major: number; minor: number; params: Map<string, string>; options: Map<string, string> };
 
 export class StartupError extends Error {
-  constructor(message: string) {
+  /** SQLSTATE for the FATAL sent to the client: protocol violation unless said otherwise. */
+  constructor(
+    message: string,
+    readonly sqlState = '08P01',
+  ) {
     super(message);
     this.name = 'StartupError';
   }
@@ -51,7 +55,7 @@ export function decodeStartupPacket(packet: Buffer): StartupPacket {
   }
   const major = code >>> 16;
   const minor = code & 0xffff;
-  if (major !== 3) throw new StartupError(`unsupported frontend protocol ${major}.${minor}: server supports 3.0 to 3.2`);
+  if (major !== 3) throw new StartupError(`unsupported frontend protocol ${major}.${minor}: server supports 3.0 to 3.2`, '0A000');
   const params = new Map<string, string>();
   const options = new Map<string, string>();
   let pos = 8;

@@ -75,12 +75,16 @@ export class ServerConnection {
   readonly prepared = new Map<string, true>();
   /** Startup parameters currently in effect for the client that last used this connection. */
   readonly appliedParams = new Map<string, string>();
+  /** Fingerprint of `appliedParams` (see ClientSession), so a matching client skips the diff. */
+  appliedParamsKey: string | null = null;
   /** Cancel requests in flight for this connection; it must not be reused before they land. */
   cancelsInFlight = 0;
   /** Receives server bytes; set by the owner (client session or pool). */
   onData: (chunk: Buffer) => void = () => {};
   /** Called once when the connection is gone. */
-  onClose: (err?: Error) => void = () => {};
+  onClose: (conn: ServerConnection) => void = noop;
+  /** What the pool sets as `onData` while the connection is idle (made once, not per release). */
+  idleOnData: (chunk: Buffer) => void = noop;
   private closeListeners: ((conn: ServerConnection) => void)[] = [];
 
   private constructor(
@@ -217,7 +221,7 @@ export class ServerConnection {
     this.socket.on('error', (err) => this.log.debug({ server: this.id, err: err.message }, 'server socket error'));
     this.socket.once('close', () => {
       this.closed = true;
-      this.onClose();
+      this.onClose(this);
       for (const l of this.closeListeners) l(this);
     });
     this.socket.resume();
@@ -264,10 +268,10 @@ export class ServerConnection {
         this.onData = prevData;
         this.onClose = prevClose;
       };
-      this.onClose = () => {
+      this.onClose = (conn) => {
         done();
         reject(new ServerConnectError('server connection closed during internal query'));
-        prevClose();
+        prevClose(conn);
       };
       this.onData = (chunk) => {
         try {
@@ -294,6 +298,14 @@ export class ServerConnection {
       this.write(params ? parseMessageForInternalQuery(sql, params) : queryMessage(sql));
     });
   }
+}
+
+function noop(): void {}
+
+/** Forgets which client parameters are in effect (after RESET ALL / DISCARD ALL). */
+export function clearAppliedParams(server: ServerConnection): void {
+  server.appliedParams.clear();
+  server.appliedParamsKey = null;
 }
 
 function decodeDataRow(buf: Buffer, start: number, end: number): (string | null)[] {

@@ -148,6 +148,12 @@ export interface LoginOptions {
   timeoutMs?: number;
   /** Bytes sent in the same write as the final SASL response (pipelined behind authentication). */
   pipelined?: Buffer;
+  /** Requested protocol minor version (3.x), default 0. */
+  protocolMinor?: number;
+  /** Messages the gateway sent before authentication (e.g. NegotiateProtocolVersion) land here. */
+  preAuth?: BackendMessage[];
+  /** Messages after AuthenticationOk up to ReadyForQuery (ParameterStatus, BackendKeyData) land here. */
+  afterAuth?: BackendMessage[];
 }
 
 /** Reads an Authentication message's sub-code and payload. */
@@ -172,8 +178,13 @@ export async function rawLogin(port: number, options: LoginOptions): Promise<Raw
       ['database', options.database ?? 'postgres'],
       ...Object.entries(options.params ?? {}),
     ];
-    conn.write(startupMessage(params));
-    const first = authRequest(await conn.next(timeout));
+    conn.write(startupMessage(params, (3 << 16) | (options.protocolMinor ?? 0)));
+    let firstMessage = await conn.next(timeout);
+    while (firstMessage.type === 'v') {
+      options.preAuth?.push(firstMessage);
+      firstMessage = await conn.next(timeout);
+    }
+    const first = authRequest(firstMessage);
     if (first.code !== 10) throw new Error(`expected AuthenticationSASL, got code ${first.code}`);
     const mechanisms = first.payload.toString('utf8').split('\0').filter(Boolean);
     if (!mechanisms.includes(SCRAM_SHA_256)) throw new Error(`SCRAM-SHA-256 not offered: ${mechanisms.join(', ')}`);
@@ -189,6 +200,7 @@ export async function rawLogin(port: number, options: LoginOptions): Promise<Raw
     const ok = authRequest(await conn.next(timeout));
     if (ok.code !== 0) throw new Error(`expected AuthenticationOk, got code ${ok.code}`);
     const rest = await conn.until('Z', timeout);
+    options.afterAuth?.push(...rest);
     const err = rest.find((m) => m.type === 'E');
     if (err) throw new Error(`login failed: ${JSON.stringify(errorFields(err))}`);
     return conn;
