@@ -374,8 +374,7 @@ export class ClientSession implements PoolWaiter {
       if (!isKnownFrontendType(type)) throw unknownType(type);
       // No server yet: keep the message and borrow one. Reading goes on (pausing and resuming a
       // socket costs more than the wait) until the backlog grows past a bound.
-      this.backlog.push(buf.subarray(start, end));
-      this.backlogBytes += end - start;
+      this.queueBacklog(buf, start, end);
       if (this.backlogBytes > BACKLOG_PAUSE_BYTES && !this.pausedForBacklog) {
         this.pausedForBacklog = true;
         this.socket.pause();
@@ -442,6 +441,11 @@ export class ClientSession implements PoolWaiter {
       }
       case Frontend.Bind: {
         this.unsynced = true;
+        if (end - start > 7 && buf[start + 5] === 0 && buf[start + 6] === 0) {
+          // Unnamed portal and statement: nothing to rename, no need to decode.
+          this.forward(buf, start, end, Expect.Bind);
+          return;
+        }
         const names = decodeBindNames(buf, start, end);
         if (names.statement === '') {
           this.forward(buf, start, end, Expect.Bind);
@@ -454,6 +458,10 @@ export class ClientSession implements PoolWaiter {
       }
       case Frontend.Describe: {
         this.unsynced = true;
+        if (end - start === 7 && (buf[start + 5] === 0x50 || buf[start + 5] === 0x53) && buf[start + 6] === 0) {
+          this.forward(buf, start, end, Expect.Describe); // unnamed portal or statement
+          return;
+        }
         const t = decodeTarget(buf, start, end);
         if (t.kind === 0x53 && t.name !== '') {
           const stmt = this.statementFor(t.name);
@@ -598,6 +606,20 @@ export class ClientSession implements PoolWaiter {
     this.discardUntilSync = true;
   }
 
+  /**
+   * Keeps a message until a server is linked. Messages that follow each other in one received
+   * chunk stay one run, so they later leave in one write.
+   */
+  private queueBacklog(buf: Buffer, start: number, end: number): void {
+    const last = this.backlog[this.backlog.length - 1];
+    if (last && last.buffer === buf.buffer && last.byteOffset + last.length === buf.byteOffset + start) {
+      this.backlog[this.backlog.length - 1] = Buffer.from(buf.buffer, last.byteOffset, last.length + end - start);
+    } else {
+      this.backlog.push(buf.subarray(start, end));
+    }
+    this.backlogBytes += end - start;
+  }
+
   private processBacklog(): void {
     if (this.backlog.length === 0) return;
     if (!this.server) {
@@ -612,13 +634,13 @@ export class ClientSession implements PoolWaiter {
     this.backlogBytes = 0;
     this.resumeAfterBacklog();
     try {
-      for (const m of backlog) {
-        if (!this.server) {
-          // Released in between (cannot happen before a Sync/Query is answered): queue again.
-          this.backlog.push(m);
-          continue;
+      for (const run of backlog) {
+        for (let pos = 0; pos < run.length; ) {
+          const end = pos + 1 + run.readInt32BE(pos + 1);
+          if (this.server) this.onClientMessage(run[pos], run, pos, end);
+          else this.queueBacklog(run, pos, end); // closed meanwhile: nothing more goes out
+          pos = end;
         }
-        this.onClientMessage(m[0], m, 0, m.length);
       }
       if (this.server && !this.toServer.empty && !this.toServer.flush(this.server.socket)) this.waitForServerDrain();
       if (!this.toClient.empty) this.toClient.flush(this.socket);
@@ -805,8 +827,7 @@ export class ClientSession implements PoolWaiter {
     const error = errorResponse(err);
     const ready = readyForQuery(TxStatus.Idle);
     let batchFailed = false;
-    for (const m of this.backlog) {
-      const type = m[0];
+    for (const type of backlogTypes(this.backlog)) {
       if (type === Frontend.Query || type === Frontend.FunctionCall) replies.push(error, ready);
       else if (type === Frontend.Sync) {
         if (!batchFailed) replies.push(error);
@@ -980,6 +1001,13 @@ export class ClientSession implements PoolWaiter {
 
   get isInTransaction(): boolean {
     return this.server !== null && (this.server.txStatus !== TxStatus.Idle || this.pendingSyncs > 0);
+  }
+}
+
+/** Message types in backlog runs (each run holds whole messages back to back). */
+function* backlogTypes(runs: Buffer[]): Generator<number> {
+  for (const run of runs) {
+    for (let pos = 0; pos < run.length; pos += 1 + run.readInt32BE(pos + 1)) yield run[pos];
   }
 }
 
