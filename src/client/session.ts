@@ -117,6 +117,8 @@ export class ClientSession implements PoolWaiter {
   private waitingForServer = false;
   private backlog: Buffer[] = [];
   private backlogBytes = 0;
+  /** True while a client chunk is being framed (see onServer). */
+  private readingChunk = false;
   private pausedForBacklog = false;
   private readonly framer: MessageFramer;
   private readonly toServer = new OutBatch();
@@ -341,7 +343,14 @@ export class ClientSession implements PoolWaiter {
   private onClientData(chunk: Buffer): void {
     this.stats.bytesIn += chunk.length;
     try {
-      this.framer.push(chunk, this.onClientMessage);
+      this.readingChunk = true;
+      try {
+        this.framer.push(chunk, this.onClientMessage);
+      } finally {
+        this.readingChunk = false;
+      }
+      // A server lent while the chunk was read: the whole backlog leaves now, in one write.
+      if (this.server && this.backlog.length > 0) this.processBacklog();
       if (this.server && !this.toServer.empty && !this.toServer.flush(this.server.socket)) this.waitForServerDrain();
       if (!this.toClient.empty) this.toClient.flush(this.socket);
     } catch (err) {
@@ -379,7 +388,7 @@ export class ClientSession implements PoolWaiter {
         this.pausedForBacklog = true;
         this.socket.pause();
       }
-      if (!this.waitingForServer) {
+      if (!this.server && !this.waitingForServer) {
         this.waitingForServer = true;
         this.pool!.acquire(this);
       }
@@ -805,7 +814,8 @@ export class ClientSession implements PoolWaiter {
       this.pendingSyncs++;
       this.markParamsApplied(server);
     }
-    this.processBacklog();
+    // Mid-chunk (the pool answered at once): the rest of the chunk joins the backlog first.
+    if (!this.readingChunk) this.processBacklog();
   }
 
   private resumeAfterBacklog(): void {
