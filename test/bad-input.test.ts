@@ -12,6 +12,7 @@ import pg from 'pg';
 import { startStack, startGateway, stackOf, USERS, type Stack } from './helpers/stack.js';
 import { RawConnection, rawLogin, errorFields, type BackendMessage } from './helpers/raw-client.js';
 import { queryMessage, startupMessage, syncMessage, terminateMessage } from '../src/protocol/frontend.js';
+import { cstr, i16, i32, msg, packet } from './helpers/bytes.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -20,25 +21,6 @@ const MAX_MESSAGE_BYTES = 1 << 20;
 
 // ------------------------------------------------------------------ byte builders
 
-const cstr = (s: string | Buffer): Buffer => Buffer.concat([typeof s === 'string' ? Buffer.from(s) : s, Buffer.from([0])]);
-const i16 = (n: number): Buffer => {
-  const b = Buffer.alloc(2);
-  b.writeInt16BE(n);
-  return b;
-};
-const i32 = (n: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeInt32BE(n);
-  return b;
-};
-function msg(type: string, ...body: Buffer[]): Buffer {
-  const b = Buffer.concat(body);
-  return Buffer.concat([Buffer.from(type), i32(b.length + 4), b]);
-}
-function packet(...body: Buffer[]): Buffer {
-  const b = Buffer.concat(body);
-  return Buffer.concat([i32(b.length + 4), b]);
-}
 const V3 = i32(196608);
 
 // ------------------------------------------------------------------ helpers

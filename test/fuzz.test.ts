@@ -18,6 +18,7 @@ import pg from 'pg';
 import { startStack, USERS, type Stack } from './helpers/stack.js';
 import { RawConnection, rawLogin, errorFields, type BackendMessage } from './helpers/raw-client.js';
 import { saslInitialResponse, startupMessage } from '../src/protocol/frontend.js';
+import { cstr, i16, i32, msg, packet } from './helpers/bytes.js';
 
 const SEED = Number(process.env.FUZZ_SEED ?? 0x7a5e);
 /** FUZZ_SCALE=4 runs four times as many cases (for a deeper local run; the default fits CI). */
@@ -27,28 +28,6 @@ const CHECK_EVERY = 25;
 const POOL_SIZE = 3;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-// ------------------------------------------------------------------ byte builders
-
-const cstr = (s: string | Uint8Array): Buffer => Buffer.concat([typeof s === 'string' ? Buffer.from(s) : Buffer.from(s), Buffer.from([0])]);
-const i16 = (n: number): Buffer => {
-  const b = Buffer.alloc(2);
-  b.writeInt16BE(n);
-  return b;
-};
-const i32 = (n: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeInt32BE(n | 0);
-  return b;
-};
-function msg(type: string | number, ...body: Buffer[]): Buffer {
-  const b = Buffer.concat(body);
-  return Buffer.concat([Buffer.from([typeof type === 'string' ? type.charCodeAt(0) : type]), i32(b.length + 4), b]);
-}
-function packet(...body: Buffer[]): Buffer {
-  const b = Buffer.concat(body);
-  return Buffer.concat([i32(b.length + 4), b]);
-}
 
 // ------------------------------------------------------------------ arbitraries
 

@@ -64,33 +64,12 @@ import {
 import { MessageWriter } from '../../src/protocol/writer.js';
 import { TxStatus } from '../../src/protocol/constants.js';
 import { PgError } from '../../src/protocol/sqlstate.js';
+import { hex, cstr, i16, i32, msg, packet } from '../helpers/bytes.js';
 
 // ------------------------------------------------------------------ helpers (independent of the codec)
 
-const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
-const cstr = (s: string | Buffer): Buffer => Buffer.concat([typeof s === 'string' ? Buffer.from(s, 'utf8') : s, Buffer.from([0])]);
-const i16 = (n: number): Buffer => {
-  const b = Buffer.alloc(2);
-  b.writeInt16BE(n);
-  return b;
-};
-const i32 = (n: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeInt32BE(n);
-  return b;
-};
 
-/** A typed message: type byte, Int32 length (body + 4), body. */
-function msg(type: string | number, ...body: Buffer[]): Buffer {
-  const b = Buffer.concat(body);
-  return Buffer.concat([Buffer.from([typeof type === 'string' ? type.charCodeAt(0) : type]), i32(b.length + 4), b]);
-}
 
-/** An untyped startup-phase packet: Int32 length (incl. itself), then the body. */
-function packet(...body: Buffer[]): Buffer {
-  const b = Buffer.concat(body);
-  return Buffer.concat([i32(b.length + 4), b]);
-}
 
 interface Seen {
   type: number;
