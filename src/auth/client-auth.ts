@@ -12,7 +12,7 @@ import { md5PasswordHash, verifyMd5Response } from './md5.js';
 import type { UserSecret } from './secrets.js';
 import type { ServerCredentials } from '../server/server-connection.js';
 
-export type ClientAuthMethod = 'scram-sha-256' | 'md5' | 'password' | 'trust';
+export type ClientAuthMethod = 'scram-sha-256' | 'md5' | 'password' | 'trust' | 'cert';
 
 /** The conversation with the client during authentication. */
 export interface AuthChannel {
@@ -88,6 +88,7 @@ async function cleartextExchange(ch: AuthChannel, user: string, secret: UserSecr
 export async function authenticateClient(ch: AuthChannel, method: ClientAuthMethod, user: string, secret: UserSecret | null): Promise<ServerCredentials> {
   switch (method) {
     case 'trust':
+    case 'cert': // the certificate was checked during login (see ClientSession)
       return {};
     case 'password':
       return cleartextExchange(ch, user, secret);

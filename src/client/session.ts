@@ -11,6 +11,7 @@
  * then reset before anyone else gets it.
  */
 import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import { createHash } from 'node:crypto';
 import { Backend, Frontend, PROTOCOL_3_2, TxStatus } from '../protocol/constants.js';
 import { FramingError, MessageFramer } from '../protocol/framer.js';
@@ -174,7 +175,7 @@ export class ClientSession implements PoolWaiter {
       this.fatal(new PgError(SqlState.ProtocolViolation, 'canceling authentication due to timeout', 'FATAL'));
     }, this.ctx.config.limits.startup_timeout_ms);
     try {
-      const result = await runPrologue(this.socket, { tlsContext: this.ctx.tlsContext, requestCert: false });
+      const result = await runPrologue(this.socket, { tlsContext: this.ctx.tlsContext, requestCert: this.ctx.config.auth.method === 'cert' });
       if (this.phase === Phase.Closed) return;
       if (result.kind === 'cancel') {
         this.clearStartupTimer();
@@ -239,7 +240,8 @@ export class ClientSession implements PoolWaiter {
     if (this.admin && !cfg.admin_users.includes(this.user)) {
       throw new PgError(SqlState.InsufficientPrivilege, `user "${this.user}" is not allowed to use the admin console`, 'FATAL');
     }
-    const secret = cfg.auth.method === 'trust' ? null : await this.lookupSecret();
+    if (cfg.auth.method === 'cert') this.checkClientCertificate();
+    const secret = cfg.auth.method === 'trust' || cfg.auth.method === 'cert' ? null : await this.lookupSecret();
     const channel: AuthChannel = {
       send: (m) => this.socket.write(m),
       receive: () =>
@@ -276,6 +278,25 @@ export class ClientSession implements PoolWaiter {
   /** Messages pipelined behind the last authentication message are handled now, not dropped. */
   private replayAuthQueue(): void {
     for (const m of this.authQueue.splice(0)) this.onClientMessage(m.type, m.buf, m.start, m.end);
+  }
+
+  /** cert authentication: a verified client certificate whose common name is the user name. */
+  private checkClientCertificate(): void {
+    const socket = this.socket as TLSSocket;
+    // Node computes `authorized` only for sockets made by a tls.Server; ours is made by hand
+    // after SSLRequest, so ask OpenSSL's verification result directly.
+    const handle = (socket as unknown as { _handle?: { verifyError?: () => Error | null } })._handle;
+    const verifyError = typeof handle?.verifyError === 'function' ? handle.verifyError() : new Error('cannot verify');
+    const cert = this.tls && !verifyError ? socket.getPeerCertificate() : null;
+    if (!cert || !cert.subject) {
+      this.log.warn({ reason: verifyError ? String((verifyError as { code?: string }).code ?? verifyError.message) : 'no certificate' }, 'client certificate refused');
+      throw new PgError(SqlState.InvalidAuthorizationSpecification, 'connection requires a valid client certificate', 'FATAL');
+    }
+    const cn = Array.isArray(cert.subject.CN) ? cert.subject.CN[0] : cert.subject.CN;
+    if (cn !== this.user) {
+      this.log.warn({ user: this.user, cn }, 'client certificate does not match the user name');
+      throw new PgError(SqlState.InvalidAuthorizationSpecification, `certificate authentication failed for user "${this.user}"`, 'FATAL');
+    }
   }
 
   private async lookupSecret() {

@@ -45,8 +45,11 @@ export const databaseSchema = z
 
 export const authSchema = z
   .object({
-    /** How clients authenticate to trustgate. */
-    method: z.enum(['scram-sha-256', 'md5', 'password', 'trust']).default('scram-sha-256'),
+    /**
+     * How clients authenticate to trustgate. `cert`: a TLS client certificate signed by tls.ca_file
+     * whose common name is the user name.
+     */
+    method: z.enum(['scram-sha-256', 'md5', 'password', 'trust', 'cert']).default('scram-sha-256'),
     /** YAML file mapping user names to SCRAM verifiers or md5 hashes (never plaintext). */
     users_file: z.string().optional(),
     /** Look secrets up in the server with this query ($1 = user name) run as `auth.user`. */
@@ -136,7 +139,11 @@ export const configSchema = z
     /** On SIGTERM, wait this long for clients to finish before closing them. */
     shutdown_timeout_ms: ms.default(30_000),
   })
-  .strict();
+  .strict()
+  .refine((c) => c.auth.method !== 'cert' || (c.tls.mode === 'require' && Boolean(c.tls.ca_file)), {
+    message: 'auth.method cert needs tls.mode require and tls.ca_file (the CA of client certificates)',
+    path: ['auth', 'method'],
+  });
 
 export type Config = z.infer<typeof configSchema>;
 export type ConfigInput = z.input<typeof configSchema>;
