@@ -23,3 +23,19 @@ test('simple query through the gateway', async () => {
   assert.equal(r4.rows[0].t, 'y');
   await c.end();
 });
+
+test('notices and notifications reach the client in transaction mode', async () => {
+  const c = new pg.Client(stack.clientConfig('app'));
+  await c.connect();
+  const notices: string[] = [];
+  c.on('notice', (n) => notices.push(n.message ?? ''));
+  await c.query(`DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$`);
+  assert.deepEqual(notices, ['hello from the server']);
+  const got = new Promise<string>((resolve) => c.on('notification', (m) => resolve(m.payload ?? '')));
+  await c.query('LISTEN smoke_channel');
+  const other = new pg.Client(stack.clientConfig('bob'));
+  await other.connect();
+  await other.query(`NOTIFY smoke_channel, 'ping'`);
+  assert.equal(await got, 'ping');
+  await Promise.all([c.end(), other.end()]);
+});
