@@ -59,12 +59,15 @@ describe('protocol negotiation and logs', () => {
       [3, 2],
     ]) {
       const preAuth: BackendMessage[] = [];
-      const c = await rawLogin(stack.port, { user: 'app', password: USERS.app, protocolMinor: minor, preAuth, params: { '_pq_.test_option': 'x' } });
+      afterAuth.length = 0;
+      const c = await rawLogin(stack.port, { user: 'app', password: USERS.app, protocolMinor: minor, preAuth, afterAuth, params: { '_pq_.test_option': 'x' } });
       assert.equal(preAuth.length, 1, `NegotiateProtocolVersion for 3.${minor}`);
       const v = preAuth[0].bytes;
       assert.equal(v.readInt32BE(5), (3 << 16) | expected);
       assert.equal(v.readInt32BE(9), 1);
       assert.equal(v.toString('utf8', 13, v.length - 1), '_pq_.test_option');
+      // The cancel key follows the negotiated version: 32 bytes for 3.2, 4 for 3.0.
+      assert.equal(keyData(afterAuth).key.length, expected === 2 ? 32 : 4);
       c.write(queryMessage('select 1'));
       assert.ok((await c.until('Z')).some((m) => m.type === 'D'));
       c.destroy();

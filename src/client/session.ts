@@ -222,9 +222,10 @@ export class ClientSession implements PoolWaiter {
       throw new PgError(SqlState.TooManyConnections, `sorry, too many clients already (max_client_connections = ${cfg.pool.max_client_connections})`, 'FATAL');
     }
     // Protocol 3.0 and 3.2 are spoken; other minors and all _pq_ options are declined.
-    this.protocolMinor = startup.minor === 2 ? 2 : 0;
+    // 3.1 was never used by PostgreSQL: a client asking for it gets 3.0; 3.3 and later get 3.2.
+    this.protocolMinor = startup.minor >= 2 ? 2 : 0;
     if (startup.minor !== this.protocolMinor || startup.options.size > 0) {
-      this.socket.write(negotiateProtocolVersion(Math.min(startup.minor, 2) === 2 ? 2 : 0, [...startup.options.keys()]));
+      this.socket.write(negotiateProtocolVersion(this.protocolMinor, [...startup.options.keys()]));
     }
     this.desiredParams = startupParamsToSet(startup.params);
     this.paramsKey = [...this.desiredParams].map(([k, v]) => `${k}\u0000${v}`).sort().join('\u0001');
