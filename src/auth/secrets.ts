@@ -50,9 +50,11 @@ export class SecretStore {
   private readonly authConnections = new Map<string, Promise<ServerConnection>>();
   private readonly queues = new Map<string, Promise<unknown>>();
 
+  private authQuery: AuthQuerySettings | null = null;
+
   constructor(
-    private usersFile: string | undefined,
-    private authQuery: AuthQuerySettings | null,
+    usersFile: string | undefined,
+    authQuery: AuthQuerySettings | null,
     private readonly log: Logger,
   ) {
     this.reload(usersFile, authQuery);
@@ -60,7 +62,6 @@ export class SecretStore {
 
   reload(usersFile: string | undefined, authQuery: AuthQuerySettings | null): void {
     this.fileUsers = usersFile ? readUsersFile(usersFile) : new Map();
-    this.usersFile = usersFile;
     this.authQuery = authQuery;
     this.close();
   }

@@ -13,8 +13,8 @@
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { createHash } from 'node:crypto';
-import { Backend, Frontend, PROTOCOL_3_2, TxStatus } from '../protocol/constants.js';
-import { FramingError, MessageFramer } from '../protocol/framer.js';
+import { Backend, Frontend, TxStatus } from '../protocol/constants.js';
+import { MessageFramer } from '../protocol/framer.js';
 import {
   authenticationOk,
   backendKeyData,
@@ -27,7 +27,6 @@ import {
   readyForQuery,
   decodeParameterStatus,
   decodeError,
-  decodeNoticeFields,
 } from '../protocol/backend.js';
 import {
   closeMessage,
@@ -36,15 +35,15 @@ import {
   decodeQuery,
   decodeTarget,
   describeMessage,
-  MalformedMessageError,
   queryMessage,
   rewriteBind,
   rewriteParse,
 } from '../protocol/frontend.js';
-import { StartupError } from '../protocol/startup.js';
 import { PgError, SqlState } from '../protocol/sqlstate.js';
 import { runPrologue, type StartupMessage } from './prologue.js';
 import { OutBatch } from './out-batch.js';
+import { paramSyncSql, startupParamsToSet } from './startup-params.js';
+import { isFatal, isKnownFrontendType, toPgError, unknownType } from './client-errors.js';
 import { authenticateClient, type AuthChannel } from '../auth/client-auth.js';
 import { classifySql } from '../sql/classify.js';
 import { nextConnectionId, type Logger } from '../log/logger.js';
@@ -77,9 +76,6 @@ const BACKLOG_PAUSE_BYTES = 1 << 20;
 
 const FORWARD = 0;
 const SWALLOW = 1;
-
-/** Parameters reported by PostgreSQL that a client may set at startup and expects to keep. */
-const STARTUP_PARAMS_NOT_FORWARDED = new Set(['user', 'database', 'replication', 'options']);
 
 /**
  * What to undo when PostgreSQL skips a request after an error in the same batch (up to Sync):
@@ -904,16 +900,7 @@ export class ClientSession implements PoolWaiter {
   /** The SQL that gives `server` this client's startup parameters, or '' if it has them. */
   private paramSyncSql(server: ServerConnection): string {
     if (server.appliedParamsKey === this.paramsKey) return '';
-    const parts: string[] = [];
-    for (const [k, v] of this.desiredParams) {
-      // set_config parses the value like a startup parameter does (`SET x = 'a,b'` would turn a
-      // list such as search_path=a,b into the single quoted name "a,b").
-      if (server.appliedParams.get(k) !== v) parts.push(`SELECT pg_catalog.set_config(${quoteLiteral(k)}, ${quoteLiteral(v)}, false)`);
-    }
-    for (const k of server.appliedParams.keys()) {
-      if (!this.desiredParams.has(k)) parts.push(`RESET ${quoteIdent(k)}`);
-    }
-    return parts.join('; ');
+    return paramSyncSql(this.desiredParams, server.appliedParams);
   }
 
   private markParamsApplied(server: ServerConnection): void {
@@ -1043,14 +1030,7 @@ function* backlogTypes(runs: Buffer[]): Generator<number> {
   }
 }
 
-/** Is the ErrorResponse at the start of `chunk` (complete) of severity FATAL or PANIC? */
 function noop(): void {}
-
-function isFatal(chunk: Buffer): boolean {
-  if (chunk.length < 5 || chunk.length < 1 + chunk.readInt32BE(1)) return false;
-  const severity = decodeNoticeFields(chunk, 0, 1 + chunk.readInt32BE(1)).get('V');
-  return severity === 'FATAL' || severity === 'PANIC';
-}
 
 /** Does a server message of `type` complete the request the queue head expects? */
 function completes(type: number, kind: number): boolean {
@@ -1070,42 +1050,6 @@ function completes(type: number, kind: number): boolean {
   }
 }
 
-function toPgError(err: unknown): PgError {
-  if (err instanceof PgError) return err;
-  if (err instanceof FramingError) {
-    return new PgError(err.code === 'too-long' ? SqlState.ProgramLimitExceeded : SqlState.ProtocolViolation, err.message, 'FATAL');
-  }
-  if (err instanceof StartupError) return new PgError(err.sqlState, err.message, 'FATAL');
-  if (err instanceof MalformedMessageError) return new PgError(SqlState.ProtocolViolation, err.message, 'FATAL');
-  return new PgError(SqlState.InternalError, `internal error: ${(err as Error)?.message ?? String(err)}`, 'FATAL');
-}
-
-const KNOWN_FRONTEND = new Set<number>([
-  Frontend.Bind,
-  Frontend.Close,
-  Frontend.CopyData,
-  Frontend.CopyDone,
-  Frontend.CopyFail,
-  Frontend.Describe,
-  Frontend.Execute,
-  Frontend.Flush,
-  Frontend.FunctionCall,
-  Frontend.Parse,
-  Frontend.Password,
-  Frontend.Query,
-  Frontend.Sync,
-  Frontend.Terminate,
-]);
-
-function isKnownFrontendType(type: number): boolean {
-  return KNOWN_FRONTEND.has(type);
-}
-
-function unknownType(type: number): PgError {
-  const shown = type >= 0x20 && type < 0x7f ? `"${String.fromCharCode(type)}"` : `0x${type.toString(16)}`;
-  return new PgError(SqlState.ProtocolViolation, `invalid frontend message type ${shown}`, 'FATAL');
-}
-
 /**
  * Server-side name of a client statement: same SQL and parameter types → same name. Hashes the
  * raw bytes (query, NUL, types): decoded text would map different non-UTF-8 queries (e.g. from a
@@ -1116,30 +1060,3 @@ function statementServerName(buf: Buffer, queryStart: number, end: number): stri
   return `tg_${h.slice(0, 28)}`;
 }
 
-function quoteIdent(name: string): string {
-  return `"${name.replace(/"/g, '""')}"`;
-}
-
-function quoteLiteral(value: string): string {
-  return `'${value.replace(/'/g, "''")}'`;
-}
-
-/** Run-time parameters from the startup packet, including `-c name=value` in `options`. */
-export function startupParamsToSet(params: Map<string, string>): Map<string, string> {
-  const out = new Map<string, string>();
-  for (const [k, v] of params) if (!STARTUP_PARAMS_NOT_FORWARDED.has(k)) out.set(k, v);
-  const options = params.get('options');
-  if (options) {
-    const tokens = options.match(/(?:\\.|\S)+/g) ?? [];
-    for (let i = 0; i < tokens.length; i++) {
-      let t = tokens[i].replace(/\\(.)/g, '$1');
-      if (t === '-c' && i + 1 < tokens.length) t = tokens[++i].replace(/\\(.)/g, '$1');
-      else if (t.startsWith('-c')) t = t.slice(2);
-      else if (t.startsWith('--')) t = t.slice(2);
-      else continue;
-      const eq = t.indexOf('=');
-      if (eq > 0) out.set(t.slice(0, eq).replace(/-/g, '_'), t.slice(eq + 1));
-    }
-  }
-  return out;
-}

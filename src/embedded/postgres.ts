@@ -398,7 +398,6 @@ export class EmbeddedPostgres {
   private portLocked: boolean;
   private child: ChildProcess | undefined;
   private childExit: Promise<void> | undefined;
-  private live: LiveServer | undefined;
   private queue: Promise<unknown> = Promise.resolve();
   private recentLog: string[] = [];
 
@@ -689,7 +688,6 @@ export class EmbeddedPostgres {
       removeDir: this.createdBaseDir && !this.options.persistent ? this.baseDir : undefined,
     };
     this.child = child;
-    this.live = live;
     registerLive(live);
 
     let exited = false;
@@ -699,10 +697,7 @@ export class EmbeddedPostgres {
         if (exited) return;
         exited = true;
         unregisterLive(live);
-        if (this.child === child) {
-          this.child = undefined;
-          this.live = undefined;
-        }
+        if (this.child === child) this.child = undefined;
         resolve();
       };
       child.once('exit', finish);

@@ -121,9 +121,7 @@ export class Pool {
   /** Removes a waiter that gave up (client disconnected). */
   cancelWait(waiter: PoolWaiter): void {
     const i = this.queue.findIndex((q) => q.waiter === waiter);
-    if (i >= 0) {
-      const [q] = this.queue.splice(i, 1);
-    }
+    if (i >= 0) this.queue.splice(i, 1);
   }
 
   /**
