@@ -12,7 +12,6 @@
  */
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import { createHash } from 'node:crypto';
 import { Backend, Frontend, TxStatus } from '../protocol/constants.js';
 import { MessageFramer } from '../protocol/framer.js';
 import {
@@ -50,6 +49,8 @@ import { nextConnectionId, type Logger } from '../log/logger.js';
 import { clearAppliedParams, type ServerConnection } from '../server/server-connection.js';
 import type { Pool, PoolWaiter } from '../pool/pool.js';
 import type { SessionContext } from './context.js';
+import { completes, Expect, ReplyAction, ReplyQueue } from './reply-queue.js';
+import { evictOldest, statementServerName, StatementBooks, usePrepared, type ClientStatement, type StatementUndo } from './statement-books.js';
 
 const enum Phase {
   Prologue,
@@ -58,43 +59,8 @@ const enum Phase {
   Closed,
 }
 
-/** What a request sent to the server is answered with (see onServerMessage). */
-const enum Expect {
-  Query = 1, // simple Query or FunctionCall: everything up to ReadyForQuery
-  Sync,
-  Parse,
-  Bind,
-  Describe,
-  Execute,
-  Close,
-  /** No server reply: the gateway answers with `payload` when this reaches the head. */
-  Synthetic,
-}
-
 /** Bytes a client may queue while waiting for a server connection before it is paused. */
 const BACKLOG_PAUSE_BYTES = 1 << 20;
-
-const FORWARD = 0;
-const SWALLOW = 1;
-
-/**
- * What to undo when PostgreSQL skips a request after an error in the same batch (up to Sync):
- * the gateway's books on which statements exist must follow what really happened.
- */
-interface StatementUndo {
-  /** parse: a Parse sent to the server; virtual-parse: a Parse the gateway answered itself;
-   *  evict: a Close of a least-recently-used statement; close: a client Close answered by the gateway. */
-  kind: 'parse' | 'virtual-parse' | 'evict' | 'close';
-  serverName: string;
-  clientName: string | null;
-  statement: ClientStatement | null;
-}
-
-interface ClientStatement {
-  serverName: string;
-  /** The Parse message under the server name, to prepare it on any server that lacks it. */
-  parse: Buffer;
-}
 
 export class ClientSession implements PoolWaiter {
   readonly id = nextConnectionId('c');
@@ -127,14 +93,8 @@ export class ClientSession implements PoolWaiter {
   private startupTimer: NodeJS.Timeout | null = null;
   // --- transaction-mode bookkeeping ---
   private transactionMode = false;
-  private readonly statements = new Map<string, ClientStatement>();
-  private expectKind: number[] = [];
-  private expectAction: number[] = [];
-  private expectPayload: (Buffer | null)[] = [];
-  private expectUndo: (StatementUndo | null)[] = [];
-  /** Next free slot; [expectHead, expectTail) are the requests awaiting replies. */
-  private expectTail = 0;
-  private expectHead = 0;
+  private readonly statements = new StatementBooks();
+  private readonly replies = new ReplyQueue();
   private pendingSyncs = 0;
   private unsynced = false;
   private discardUntilSync = false;
@@ -452,16 +412,11 @@ export class ClientSession implements PoolWaiter {
         }
         const serverName = statementServerName(buf, msg.queryStart, end);
         const stmt: ClientStatement = { serverName, parse: rewriteParse(buf, start, end, msg, serverName) };
-        this.statements.set(msg.name, stmt);
-        const prepared = this.server!.prepared;
-        const undo: StatementUndo = { kind: 'parse', serverName, clientName: msg.name, statement: stmt };
-        if (prepared.has(serverName)) {
-          prepared.delete(serverName);
-          prepared.set(serverName, true);
-          undo.kind = 'virtual-parse';
-          this.synthetic(parseComplete(), undo);
+        this.statements.define(msg.name, stmt);
+        if (usePrepared(this.server!.prepared, serverName)) {
+          this.synthetic(parseComplete(), { kind: 'virtual-parse', serverName, clientName: msg.name, statement: stmt });
         } else {
-          this.sendMessage(stmt.parse, Expect.Parse, FORWARD, undo);
+          this.sendMessage(stmt.parse, Expect.Parse, ReplyAction.Forward, { kind: 'parse', serverName, clientName: msg.name, statement: stmt });
           this.notePrepared(serverName);
         }
         return;
@@ -480,7 +435,7 @@ export class ClientSession implements PoolWaiter {
         }
         const stmt = this.statementFor(names.statement);
         if (!stmt) return;
-        this.sendMessage(rewriteBind(buf, end, names, stmt.serverName), Expect.Bind, FORWARD);
+        this.sendMessage(rewriteBind(buf, end, names, stmt.serverName), Expect.Bind, ReplyAction.Forward);
         return;
       }
       case Frontend.Describe: {
@@ -492,7 +447,7 @@ export class ClientSession implements PoolWaiter {
         const t = decodeTarget(buf, start, end);
         if (t.kind === 0x53 && t.name !== '') {
           const stmt = this.statementFor(t.name);
-          if (stmt) this.sendMessage(describeMessage(0x53, stmt.serverName), Expect.Describe, FORWARD);
+          if (stmt) this.sendMessage(describeMessage(0x53, stmt.serverName), Expect.Describe, ReplyAction.Forward);
           return;
         }
         this.forward(buf, start, end, Expect.Describe);
@@ -503,8 +458,7 @@ export class ClientSession implements PoolWaiter {
         const t = decodeTarget(buf, start, end);
         if (t.kind === 0x53 && t.name !== '') {
           // The server keeps its copy for other clients; the client's name is forgotten.
-          const statement = this.statements.get(t.name) ?? null;
-          this.statements.delete(t.name);
+          const statement = this.statements.forget(t.name);
           this.synthetic(closeComplete(), statement && { kind: 'close', serverName: statement.serverName, clientName: t.name, statement });
           return;
         }
@@ -558,73 +512,44 @@ export class ClientSession implements PoolWaiter {
       this.syntheticError(new PgError(SqlState.InvalidSqlStatementName, `prepared statement "${name}" does not exist`));
       return null;
     }
-    const prepared = this.server!.prepared;
-    if (prepared.has(stmt.serverName)) {
-      prepared.delete(stmt.serverName);
-      prepared.set(stmt.serverName, true);
-    } else {
+    if (!usePrepared(this.server!.prepared, stmt.serverName)) {
       // This server has not seen the statement: prepare it first, its ParseComplete is ours.
-      this.sendMessage(stmt.parse, Expect.Parse, SWALLOW, { kind: 'parse', serverName: stmt.serverName, clientName: null, statement: null });
+      this.sendMessage(stmt.parse, Expect.Parse, ReplyAction.Swallow, { kind: 'parse', serverName: stmt.serverName, clientName: null, statement: null });
       this.notePrepared(stmt.serverName);
     }
     return stmt;
   }
 
+  /** The statement is now prepared on the linked server; the least recently used beyond the limit are closed. */
   private notePrepared(serverName: string): void {
     const prepared = this.server!.prepared;
     prepared.set(serverName, true);
     const max = this.pool!.settings.maxPreparedStatements;
-    while (prepared.size > max && max > 0) {
-      const oldest = prepared.keys().next().value as string;
-      prepared.delete(oldest);
-      this.sendMessage(closeMessage(0x53, oldest), Expect.Close, SWALLOW, { kind: 'evict', serverName: oldest, clientName: null, statement: null });
+    for (let oldest = evictOldest(prepared, max); oldest !== null; oldest = evictOldest(prepared, max)) {
+      this.sendMessage(closeMessage(0x53, oldest), Expect.Close, ReplyAction.Swallow, { kind: 'evict', serverName: oldest, clientName: null, statement: null });
     }
   }
 
   private forward(buf: Buffer, start: number, end: number, kind: Expect): void {
     this.toServer.range(buf, start, end);
-    this.expect(kind, FORWARD, null, null);
+    this.replies.push(kind, ReplyAction.Forward, null, null);
   }
 
-  private sendMessage(m: Buffer, kind: Expect, action: number, undo: StatementUndo | null = null): void {
+  private sendMessage(m: Buffer, kind: Expect, action: ReplyAction, undo: StatementUndo | null = null): void {
     this.toServer.message(m);
-    this.expect(kind, action, null, undo);
-  }
-
-  private expect(kind: Expect, action: number, payload: Buffer | null, undo: StatementUndo | null): void {
-    const i = this.expectTail++;
-    this.expectKind[i] = kind;
-    this.expectAction[i] = action;
-    this.expectPayload[i] = payload;
-    this.expectUndo[i] = undo;
+    this.replies.push(kind, action, null, undo);
   }
 
   /** A reply the gateway makes itself, in order with the server's replies. */
   private synthetic(message: Buffer, undo: StatementUndo | null = null): void {
-    if (this.expectHead === this.expectTail) this.toClient.message(message);
-    else this.expect(Expect.Synthetic, FORWARD, message, undo);
+    if (this.replies.empty) this.toClient.message(message);
+    else this.replies.push(Expect.Synthetic, ReplyAction.Forward, message, undo);
   }
 
   /** PostgreSQL failed or skipped the request at the queue head: correct the books. */
   private undoHead(): void {
-    const undo = this.expectUndo[this.expectHead];
-    if (!undo) return;
-    const prepared = this.server!.prepared;
-    switch (undo.kind) {
-      case 'parse':
-        prepared.delete(undo.serverName);
-        if (undo.clientName !== null && this.statements.get(undo.clientName) === undo.statement) this.statements.delete(undo.clientName);
-        return;
-      case 'virtual-parse':
-        if (undo.clientName !== null && this.statements.get(undo.clientName) === undo.statement) this.statements.delete(undo.clientName);
-        return;
-      case 'evict':
-        prepared.set(undo.serverName, true);
-        return;
-      case 'close':
-        if (undo.clientName !== null && !this.statements.has(undo.clientName)) this.statements.set(undo.clientName, undo.statement!);
-        return;
-    }
+    const undo = this.replies.headUndo;
+    if (undo) this.statements.undo(undo, this.server!.prepared);
   }
 
   /** An error the gateway raises in an extended-protocol batch: like the server, skip to Sync. */
@@ -708,31 +633,21 @@ export class ClientSession implements PoolWaiter {
 
   private readonly onServerMessageTx = (type: number, buf: Buffer, start: number, end: number): void => {
     const server = this.server!;
-    if (this.expectHead === this.expectTail) {
+    if (this.replies.empty) {
       // Nothing outstanding: asynchronous messages (notices, notifications, parameter status).
       if (type === Backend.ParameterStatus) this.noteParameterStatus(buf, start, end);
       else if (type === Backend.ReadyForQuery) server.txStatus = buf[start + 5];
       this.toClient.range(buf, start, end);
       return;
     }
-    const head = this.expectHead;
-    const kind = this.expectKind[head];
-    const action = this.expectAction[head];
+    const kind = this.replies.headKind;
+    const action = this.replies.headAction;
     switch (type) {
       case Backend.ReadyForQuery: {
         server.txStatus = buf[start + 5];
-        let act = FORWARD;
-        while (this.expectHead < this.expectTail) {
-          const k = this.expectKind[this.expectHead];
-          const a = this.expectAction[this.expectHead];
-          this.expectHead++;
-          if (k === Expect.Query || k === Expect.Sync) {
-            act = a;
-            break;
-          }
-        }
+        const act = this.replies.advancePastSync();
         this.pendingSyncs--;
-        if (act === FORWARD) this.toClient.range(buf, start, end);
+        if (act === ReplyAction.Forward) this.toClient.range(buf, start, end);
         else if (this.injectedError) {
           this.toClient.message(noticeResponse({ severity: 'WARNING', code: '01000', message: this.injectedError }));
           this.injectedError = null;
@@ -743,17 +658,17 @@ export class ClientSession implements PoolWaiter {
       }
       case Backend.ErrorResponse:
         if (kind === Expect.Query || kind === Expect.Sync) {
-          if (action === FORWARD) this.toClient.range(buf, start, end);
+          if (action === ReplyAction.Forward) this.toClient.range(buf, start, end);
           else this.injectedError = `trustgate could not apply session settings: ${decodeError(buf, start, end).message}`;
           return;
         }
         // An extended-protocol request failed: the server skips everything up to Sync.
         this.toClient.range(buf, start, end);
         this.undoHead();
-        this.expectHead++;
-        while (this.expectHead < this.expectTail && this.expectKind[this.expectHead] !== Expect.Sync) {
+        this.replies.advance();
+        while (!this.replies.empty && this.replies.headKind !== Expect.Sync) {
           this.undoHead();
-          this.expectHead++;
+          this.replies.advance();
         }
         return;
       case Backend.CommandComplete:
@@ -761,33 +676,29 @@ export class ClientSession implements PoolWaiter {
         break;
     }
     if (completes(type, kind)) {
-      this.expectHead++;
-      if (action === FORWARD) this.toClient.range(buf, start, end);
+      this.replies.advance();
+      if (action === ReplyAction.Forward) this.toClient.range(buf, start, end);
       this.afterCompletion();
       return;
     }
     switch (type) {
       case Backend.ParameterStatus:
-        if (action === FORWARD) this.noteParameterStatus(buf, start, end);
+        if (action === ReplyAction.Forward) this.noteParameterStatus(buf, start, end);
         break;
       case Backend.NotificationResponse:
         this.toClient.range(buf, start, end);
         return;
     }
-    if (action === FORWARD) this.toClient.range(buf, start, end);
+    if (action === ReplyAction.Forward) this.toClient.range(buf, start, end);
   };
 
   /** After a reply completed a request: emit gateway replies now at the head; compact the queue. */
   private afterCompletion(): void {
-    while (this.expectHead < this.expectTail && this.expectKind[this.expectHead] === Expect.Synthetic) {
-      this.toClient.message(this.expectPayload[this.expectHead]!);
-      this.expectHead++;
+    while (!this.replies.empty && this.replies.headKind === Expect.Synthetic) {
+      this.toClient.message(this.replies.headPayload!);
+      this.replies.advance();
     }
-    if (this.expectHead === this.expectTail && this.expectHead > 0) {
-      // Drained: start over at index 0, keeping the arrays (no reallocation per request).
-      this.expectHead = 0;
-      this.expectTail = 0;
-    }
+    this.replies.resetIfDrained();
   }
 
   /** A setting changed inside the client's own request: state the next client must not see. */
@@ -828,7 +739,7 @@ export class ClientSession implements PoolWaiter {
     this.link(server);
     const sets = this.paramSyncSql(server);
     if (sets) {
-      this.sendMessage(queryMessage(sets), Expect.Query, SWALLOW);
+      this.sendMessage(queryMessage(sets), Expect.Query, ReplyAction.Swallow);
       this.pendingSyncs++;
       this.markParamsApplied(server);
     }
@@ -893,7 +804,7 @@ export class ClientSession implements PoolWaiter {
     const server = this.server;
     if (!server || !this.transactionMode || this.pinnedReason) return;
     if (this.pendingSyncs !== 0 || this.unsynced || server.txStatus !== TxStatus.Idle) return;
-    if (this.expectHead !== this.expectTail) return;
+    if (!this.replies.empty) return;
     this.unlink(false);
   }
 
@@ -1031,32 +942,3 @@ function* backlogTypes(runs: Buffer[]): Generator<number> {
 }
 
 function noop(): void {}
-
-/** Does a server message of `type` complete the request the queue head expects? */
-function completes(type: number, kind: number): boolean {
-  switch (kind) {
-    case Expect.Parse:
-      return type === Backend.ParseComplete;
-    case Expect.Bind:
-      return type === Backend.BindComplete;
-    case Expect.Close:
-      return type === Backend.CloseComplete;
-    case Expect.Describe:
-      return type === Backend.RowDescription || type === Backend.NoData;
-    case Expect.Execute:
-      return type === Backend.CommandComplete || type === Backend.EmptyQueryResponse || type === Backend.PortalSuspended;
-    default:
-      return false;
-  }
-}
-
-/**
- * Server-side name of a client statement: same SQL and parameter types → same name. Hashes the
- * raw bytes (query, NUL, types): decoded text would map different non-UTF-8 queries (e.g. from a
- * LATIN1 client) to the same name.
- */
-function statementServerName(buf: Buffer, queryStart: number, end: number): string {
-  const h = createHash('sha1').update(buf.subarray(queryStart, end)).digest('hex');
-  return `tg_${h.slice(0, 28)}`;
-}
-
