@@ -324,9 +324,46 @@ function decodeDataRow(buf: Buffer, start: number, end: number): (string | null)
   return row;
 }
 
+/** Bytes a read may fill at most; a slab with less room left than MIN_READ is replaced. */
+const SLAB_BYTES = 64 * 1024;
+const MIN_READ = 8 * 1024;
+
+/**
+ * Reads into per-connection slabs (Node's `onread`), skipping the Readable stream machinery on
+ * the hot path. Each read lands after the previous one in the slab and is never overwritten, so
+ * chunks stay valid while the relay forwards slices of them. The chunk is still delivered as a
+ * 'data' event, so every consumer of the socket works unchanged.
+ */
+function slabReader(): { buffer: () => Buffer; callback: (n: number, buf: Uint8Array) => boolean; socket?: Socket } {
+  let slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+  let offset = 0;
+  let windowStart = 0;
+  const reader = {
+    socket: undefined as Socket | undefined,
+    buffer: () => {
+      if (SLAB_BYTES - offset < MIN_READ) {
+        slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+        offset = 0;
+      }
+      windowStart = offset;
+      return slab.subarray(offset);
+    },
+    callback: (n: number) => {
+      const chunk = slab.subarray(windowStart, windowStart + n);
+      offset = windowStart + n;
+      reader.socket!.emit('data', chunk);
+      return true; // flow control stays with socket.pause()/resume()
+    },
+  };
+  return reader;
+}
+
 function openSocket(endpoint: ServerEndpoint): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: endpoint.host, port: endpoint.port });
+    // A TLS upgrade needs the socket's ordinary read path: slabs only for plain connections.
+    const reader = endpoint.tls.mode === 'disable' ? slabReader() : null;
+    const socket = net.connect({ host: endpoint.host, port: endpoint.port, ...(reader ? { onread: reader } : {}) });
+    if (reader) reader.socket = socket;
     const timer = setTimeout(() => {
       socket.destroy();
       reject(new ServerConnectError(`timeout connecting to ${endpoint.host}:${endpoint.port}`));
