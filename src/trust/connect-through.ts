@@ -25,6 +25,8 @@
  *   trailing `;` is allowed and nothing may follow it.
  */
 
+import { fitsIdentifier, foldIdentifier, MAX_IDENTIFIER_BYTES, skipTrivia, startsWithStatement } from './sql-text.js';
+
 export class ConnectThroughError extends Error {
   readonly sqlState = '42601';
   constructor(
@@ -56,36 +58,12 @@ export type ConnectThroughStatement =
   | { kind: 'revoke-trust-only'; trustedUser: string };
 
 export const MAX_PROXY_USERS_PER_STATEMENT = 25;
-const MAX_IDENTIFIER_BYTES = 63;
 const KEYWORDS = new Set(['to', 'from', 'permanent', 'with', 'without']);
 
-function skipTrivia(sql: string, i: number): number {
-  for (;;) {
-    while (i < sql.length && /\s/.test(sql[i])) i++;
-    if (sql.startsWith('--', i)) {
-      const nl = sql.indexOf('\n', i);
-      i = nl < 0 ? sql.length : nl + 1;
-    } else if (sql.startsWith('/*', i)) {
-      let depth = 1;
-      for (i += 2; depth > 0; ) {
-        if (i >= sql.length) throw new ConnectThroughError('unterminated /* comment', '/*');
-        if (sql.startsWith('/*', i)) (depth++, (i += 2));
-        else if (sql.startsWith('*/', i)) (depth--, (i += 2));
-        else i++;
-      }
-    } else return i;
-  }
-}
 
 /** Cheap check: does this SQL text start (after comments) with GRANT/REVOKE CONNECT THROUGH? */
 export function isConnectThroughStatement(sql: string): boolean {
-  let start: number;
-  try {
-    start = skipTrivia(sql, 0);
-  } catch {
-    return false;
-  }
-  return /^(grant|revoke)\s+connect\s+through\b/i.test(sql.slice(start));
+  return startsWithStatement(sql, /^(grant|revoke)\s+connect\s+through\b/i);
 }
 
 type Token = { kind: 'word' | 'quoted' | 'punct' | 'other' | 'end'; raw: string; value: string; pos: number };
@@ -96,6 +74,7 @@ function tokenize(sql: string): Token[] {
   const tokens: Token[] = [];
   for (let i = 0; ; ) {
     i = skipTrivia(sql, i);
+    if (i < 0) throw new ConnectThroughError('unterminated /* comment', '/*');
     const pos = i + 1;
     if (i >= sql.length) {
       tokens.push({ kind: 'end', raw: '', value: '', pos });
@@ -104,7 +83,7 @@ function tokenize(sql: string): Token[] {
     WORD.lastIndex = i;
     const word = WORD.exec(sql);
     if (word) {
-      tokens.push({ kind: 'word', raw: word[0], value: word[0].replace(/[A-Z]/g, (c) => c.toLowerCase()), pos });
+      tokens.push({ kind: 'word', raw: word[0], value: foldIdentifier(word[0]), pos });
       i += word[0].length;
     } else if (sql[i] === '"') {
       const m = /"((?:[^"]|"")*)"/y;
@@ -148,7 +127,7 @@ export function parseConnectThrough(sql: string): ConnectThroughStatement {
   function identifier(what: string): string {
     const t = peek();
     if (t.kind === 'quoted' || (t.kind === 'word' && !KEYWORDS.has(t.value))) {
-      if (new TextEncoder().encode(t.value).length > MAX_IDENTIFIER_BYTES) {
+      if (!fitsIdentifier(t.value)) {
         throw new ConnectThroughError(`${what} "${t.raw}" is longer than ${MAX_IDENTIFIER_BYTES} bytes`, t.raw, t.pos);
       }
       at++;

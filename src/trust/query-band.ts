@@ -30,8 +30,9 @@
  *   `pairs` keeps the value as written; `proxyUser` / `proxyRole` hold the normalised role name.
  */
 
+import { fitsIdentifier, foldIdentifier, skipTrivia, startsWithStatement } from './sql-text.js';
+
 export const QUERY_BAND_LIMITS = { name: 128, value: 256, band: 4096 } as const;
-const MAX_IDENTIFIER_BYTES = 63;
 
 export type QueryBandSqlState = '22023' | '42601' | '0A000';
 
@@ -73,35 +74,10 @@ const RESERVED = new Map([
 // ---------------------------------------------------------------------------------------------
 // Statement level
 
-/** Skips leading whitespace and SQL comments; returns the index of the first other character. */
-function skipTrivia(sql: string, i: number): number {
-  for (;;) {
-    while (i < sql.length && /\s/.test(sql[i])) i++;
-    if (sql.startsWith('--', i)) {
-      const nl = sql.indexOf('\n', i);
-      i = nl < 0 ? sql.length : nl + 1;
-    } else if (sql.startsWith('/*', i)) {
-      let depth = 1;
-      i += 2;
-      while (depth > 0) {
-        if (i >= sql.length) throw new QueryBandError('42601', 'unterminated /* comment');
-        if (sql.startsWith('/*', i)) (depth++, (i += 2));
-        else if (sql.startsWith('*/', i)) (depth--, (i += 2));
-        else i++;
-      }
-    } else return i;
-  }
-}
 
 /** Cheap check: does this SQL text start (after comments) with SET QUERY_BAND? Never throws. */
 export function isQueryBandStatement(sql: string): boolean {
-  let start: number;
-  try {
-    start = skipTrivia(sql, 0);
-  } catch {
-    return false;
-  }
-  return /^set\s+query_band\b/i.test(sql.slice(start));
+  return startsWithStatement(sql, /^set\s+query_band\b/i);
 }
 
 const WORD = /[A-Za-z_][A-Za-z0-9_]*/y;
@@ -113,6 +89,7 @@ function tokenize(sql: string): Token[] {
   let i = 0;
   for (;;) {
     i = skipTrivia(sql, i);
+    if (i < 0) throw new QueryBandError('42601', 'unterminated /* comment');
     if (i >= sql.length) break;
     const c = sql[i];
     WORD.lastIndex = i;
@@ -211,9 +188,9 @@ function roleName(value: string): string | null {
   const quoted = /^"((?:[^"]|"")+)"$/.exec(value);
   if (quoted) name = quoted[1].replace(/""/g, '"');
   else if (/^[A-Za-z_\u0080-\u{10FFFF}][A-Za-z0-9_$\u0080-\u{10FFFF}]*$/u.test(value)) {
-    name = value.replace(/[A-Z]/g, (c) => c.toLowerCase());
+    name = foldIdentifier(value);
   } else return null;
-  return new TextEncoder().encode(name).length <= MAX_IDENTIFIER_BYTES ? name : null;
+  return fitsIdentifier(name) ? name : null;
 }
 
 function proxyUserOf(value: string): string {
