@@ -4,11 +4,12 @@
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { startStack, USERS, type Stack } from './helpers/stack.js';
+import { interruptPsqlSleep } from './helpers/psql.js';
 
 const MODES = ['transaction', 'session'] as const;
 
@@ -84,30 +85,11 @@ for (const mode of MODES) {
     });
 
     test('SIGINT to psql cancels the running query through the gateway (libpq cancel)', async () => {
-      const child = spawn('psql', ['-X', '-h', '127.0.0.1', '-p', String(stack.port), '-U', 'app', '-d', 'postgres', '-c', 'select pg_sleep(30)'], {
-        env: { ...process.env, PGPASSWORD: USERS.app, PGCONNECT_TIMEOUT: '5' },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stderr = '';
-      child.stderr.on('data', (d) => (stderr += d));
-      const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-      const killer = setTimeout(() => child.kill('SIGKILL'), 15_000);
-      try {
-        // Wait until the query runs on the server, then interrupt psql like Ctrl-C does.
-        for (let i = 0; i < 100; i++) {
-          const rows = await stack.pg.query(`select 1 from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'`);
-          if (rows.length > 0) break;
-          await new Promise((r) => setTimeout(r, 50));
-        }
-        const started = Date.now();
-        child.kill('SIGINT');
-        const code = await exited;
-        assert.ok(Date.now() - started < 3000, 'cancelled promptly');
-        assert.equal(code, 1, stderr);
-        assert.match(stderr, /canceling statement due to user request/);
-      } finally {
-        clearTimeout(killer);
-      }
+      // psql waits for the query to run on the server, then is interrupted like Ctrl-C does.
+      const { code, stderr, cancelMs } = await interruptPsqlSleep(['-h', '127.0.0.1', '-p', String(stack.port), '-U', 'app', '-d', 'postgres'], USERS.app, stack.pg);
+      assert.ok(cancelMs < 3000, 'cancelled promptly');
+      assert.equal(code, 1, stderr);
+      assert.match(stderr, /canceling statement due to user request/);
     });
 
     test('psql -f script: \\copy from/to a file, transactions, results', async () => {

@@ -5,7 +5,7 @@
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
@@ -21,6 +21,7 @@ import type { EmbeddedPostgres } from './helpers/postgres.js';
 import { createGateway } from '../src/gateway.js';
 import { createLogger } from '../src/log/logger.js';
 import { generateCertificates, type GeneratedCertificates } from '../src/tls/context.js';
+import { interruptPsqlSleep } from './helpers/psql.js';
 
 const MODES = ['transaction', 'session'] as const;
 
@@ -262,26 +263,9 @@ for (const mode of MODES) {
     });
 
     test('cancel works with a plain CancelRequest (libpq < 17, psql SIGINT) and inside TLS', async () => {
-      const child = spawn('psql', ['-X', '-d', conninfo(`sslmode=verify-full sslrootcert=${clientCerts.caCert}`), '-c', 'select pg_sleep(30)'], {
-        env: { ...process.env, PGPASSWORD: USERS.app, PGCONNECT_TIMEOUT: '5' },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stderr = '';
-      child.stderr.on('data', (d) => (stderr += d));
-      const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-      const killer = setTimeout(() => child.kill('SIGKILL'), 15_000);
-      try {
-        for (let i = 0; i < 100; i++) {
-          const rows = await plainPg.query(`select 1 from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'`);
-          if (rows.length > 0) break;
-          await new Promise((r) => setTimeout(r, 50));
-        }
-        child.kill('SIGINT');
-        assert.equal(await exited, 1, stderr);
-        assert.match(stderr, /canceling statement due to user request/);
-      } finally {
-        clearTimeout(killer);
-      }
+      const { code, stderr } = await interruptPsqlSleep(['-d', conninfo(`sslmode=verify-full sslrootcert=${clientCerts.caCert}`)], USERS.app, plainPg);
+      assert.equal(code, 1, stderr);
+      assert.match(stderr, /canceling statement due to user request/);
       const c = (await pgConnect({
         ...stack.clientConfig('app'),
         ssl: { ca: fs.readFileSync(clientCerts.caCert, 'utf8'), servername: 'localhost' },
