@@ -438,6 +438,14 @@ describe('bad input', () => {
 
 // ------------------------------------------------------------------ pool of one: nothing may leak
 
+/** How many of app's `pg_sleep(5)` queries are running on the server. */
+async function activeSleeps(stack: Stack): Promise<number> {
+  const r = await stack.pg.query<{ n: number }>(
+    `select count(*)::int as n from pg_stat_activity where usename = 'app' and query like '%pg_sleep(5)%' and state = 'active'`,
+  );
+  return r[0].n;
+}
+
 describe('abrupt disconnects with a pool of one server connection', () => {
   let base: Stack;
   let stack: Stack;
@@ -458,13 +466,6 @@ describe('abrupt disconnects with a pool of one server connection', () => {
     await base?.stop();
   });
 
-  async function activeSleeps(): Promise<number> {
-    const r = await stack.pg.query<{ n: number }>(
-      `select count(*)::int as n from pg_stat_activity where usename = 'app' and query like '%pg_sleep(5)%' and state = 'active'`,
-    );
-    return r[0].n;
-  }
-
   /** The next client is served within the wait timeout and gets a clean connection. */
   async function nextClientIsServed(): Promise<void> {
     const t0 = Date.now();
@@ -476,19 +477,19 @@ describe('abrupt disconnects with a pool of one server connection', () => {
   test('disconnect in the middle of a long query', async () => {
     const c = await login(stack);
     c.write(queryMessage('select pg_sleep(5)'));
-    await waitUntil('the query runs', async () => (await activeSleeps()) === 1);
+    await waitUntil('the query runs', async () => (await activeSleeps(stack)) === 1);
     c.destroy();
     await nextClientIsServed();
-    await waitUntil('the abandoned query is no longer running', async () => (await activeSleeps()) === 0, 2000);
+    await waitUntil('the abandoned query is no longer running', async () => (await activeSleeps(stack)) === 0, 2000);
   });
 
   test('disconnect in the middle of an extended-protocol query (no Sync yet)', async () => {
     const c = await login(stack);
     c.write(Buffer.concat([msg('P', cstr(''), cstr('select pg_sleep(5)'), i16(0)), msg('B', cstr(''), cstr(''), i16(0), i16(0), i16(0)), msg('E', cstr(''), i32(0)), msg('H')]));
-    await waitUntil('the query runs', async () => (await activeSleeps()) === 1);
+    await waitUntil('the query runs', async () => (await activeSleeps(stack)) === 1);
     c.destroy();
     await nextClientIsServed();
-    await waitUntil('the abandoned query is no longer running', async () => (await activeSleeps()) === 0, 2000);
+    await waitUntil('the abandoned query is no longer running', async () => (await activeSleeps(stack)) === 0, 2000);
   });
 
   test('disconnect in the middle of an open transaction', async () => {
@@ -541,11 +542,11 @@ describe('abrupt disconnects with a pool of one server connection', () => {
     for (let i = 0; i < 5; i++) {
       const c = await login(stack);
       c.write(queryMessage(i % 2 ? 'begin; select pg_sleep(5)' : 'select pg_sleep(5)'));
-      await waitUntil('the query runs', async () => (await activeSleeps()) === 1);
+      await waitUntil('the query runs', async () => (await activeSleeps(stack)) === 1);
       c.destroy();
     }
     await nextClientIsServed();
-    await waitUntil('no abandoned query runs', async () => (await activeSleeps()) === 0, 2000);
+    await waitUntil('no abandoned query runs', async () => (await activeSleeps(stack)) === 0, 2000);
   });
 
   test('a socket closed by the peer before the gateway replies does not disturb others', async () => {
@@ -587,13 +588,6 @@ describe('abrupt disconnects in session mode (pool of one)', () => {
     await base?.stop();
   });
 
-  async function activeSleeps(): Promise<number> {
-    const r = await stack.pg.query<{ n: number }>(
-      `select count(*)::int as n from pg_stat_activity where usename = 'app' and query like '%pg_sleep(5)%' and state = 'active'`,
-    );
-    return r[0].n;
-  }
-
   /** The next client gets the server back in time, clean, and in step (each reply is its own). */
   async function nextClientIsServed(): Promise<void> {
     const t0 = Date.now();
@@ -607,7 +601,7 @@ describe('abrupt disconnects in session mode (pool of one)', () => {
     } finally {
       await c.end();
     }
-    await waitUntil('the abandoned query is no longer running', async () => (await activeSleeps()) === 0, 2000);
+    await waitUntil('the abandoned query is no longer running', async () => (await activeSleeps(stack)) === 0, 2000);
     await settled(stack, 1);
   }
 
@@ -627,7 +621,7 @@ describe('abrupt disconnects in session mode (pool of one)', () => {
     test(`disconnect in the middle of a long ${name}`, async () => {
       const c = await login(stack);
       c.write(bytes());
-      await waitUntil('the query runs', async () => (await activeSleeps()) === 1);
+      await waitUntil('the query runs', async () => (await activeSleeps(stack)) === 1);
       c.destroy();
       await nextClientIsServed();
     });
