@@ -100,7 +100,7 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     const closed = new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
     const deadline = Date.now() + timeoutMs;
     while (this.sessions.size > 0 && Date.now() < deadline) {
-      for (const s of this.sessions) if (s.isIdle || !s.isInTransaction) s.terminate();
+      for (const s of this.sessions) if (!s.isInTransaction) s.terminate();
       if (this.sessions.size === 0) break;
       await new Promise((r) => setTimeout(r, 50));
     }

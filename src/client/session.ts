@@ -126,7 +126,7 @@ export class ClientSession implements PoolWaiter {
   /** Runs the whole connection; resolves when it is closed. */
   async start(): Promise<void> {
     this.socket.setNoDelay(true);
-    this.socket.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
+    this.socket.on('error', this.onSocketError);
     this.startupTimer = setTimeout(() => {
       this.fatal(new PgError(SqlState.ProtocolViolation, 'canceling authentication due to timeout', 'FATAL'));
     }, this.ctx.config.limits.startup_timeout_ms);
@@ -143,14 +143,21 @@ export class ClientSession implements PoolWaiter {
         this.ctx.sessionClosed(this);
         return;
       }
-      this.socket = result.socket;
+      if (result.socket !== this.socket) {
+        // The TLS socket made by the prologue: its errors end the session through 'close' too.
+        result.socket.on('error', this.onSocketError);
+        this.socket = result.socket;
+      }
       this.tls = result.tls;
-      if (this.socket !== result.socket) this.socket.on('error', () => undefined);
       await this.login(result.startup, result.leftover);
     } catch (err) {
       this.fatal(toPgError(err));
     }
   }
+
+  private readonly onSocketError = (err: Error): void => {
+    this.log.debug({ err: err.message }, 'client socket error');
+  };
 
   private clearStartupTimer(): void {
     if (this.startupTimer) clearTimeout(this.startupTimer);
@@ -161,7 +168,6 @@ export class ClientSession implements PoolWaiter {
 
   private async login(startup: StartupMessage, leftover: Buffer | null): Promise<void> {
     const cfg = this.ctx.config;
-    this.socket.on('error', () => undefined);
     this.socket.on('close', () => this.onClientClosed());
     this.user = startup.params.get('user') ?? '';
     this.database = startup.params.get('database') || this.user;
@@ -923,10 +929,6 @@ export class ClientSession implements PoolWaiter {
   /** Ask the client to leave (shutdown): FATAL 57P01 when idle. */
   terminate(message = 'terminating connection due to administrator command'): void {
     this.fatal(new PgError(SqlState.AdminShutdown, message, 'FATAL'));
-  }
-
-  get isIdle(): boolean {
-    return this.phase === Phase.Ready && !this.server && !this.waitingForServer;
   }
 
   get isInTransaction(): boolean {
