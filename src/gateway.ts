@@ -229,10 +229,8 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
   // ------------------------------------------------------------ cancel
 
   sendCancel(server: ServerConnection): void {
-    server.cancelsInFlight++;
-    const done = () => {
-      server.cancelsInFlight--;
-    };
+    server.cancelSent();
+    const done = () => server.cancelLanded();
     const socket = net.connect({ host: server.endpoint.host, port: server.endpoint.port });
     socket.once('error', (err) => this.log.warn({ server: server.id, err: err.message }, 'cancel request failed'));
     socket.once('close', done);

@@ -133,11 +133,7 @@ export class Pool {
     server.onData = server.idleOnData;
     if (server.cancelsInFlight > 0) {
       // Reuse only after the cancel has reached the server, so it cannot hit the next client.
-      const check = setInterval(() => {
-        if (server.cancelsInFlight > 0 && !server.closed) return;
-        clearInterval(check);
-        this.release(server, needsReset);
-      }, 5);
+      server.whenCancelsLanded(() => this.release(server, needsReset));
       return;
     }
     if (server.txStatus !== TxStatus.Idle) {

@@ -79,6 +79,8 @@ export class ServerConnection {
   appliedParamsKey: string | null = null;
   /** Cancel requests in flight for this connection; it must not be reused before they land. */
   cancelsInFlight = 0;
+  /** Runs once when the last cancel in flight has landed (see whenCancelsLanded). */
+  private afterCancels: (() => void) | null = null;
   /** Receives server bytes; set by the owner (client session or pool). */
   onData: (chunk: Buffer) => void = () => {};
   /** Called once when the connection is gone. */
@@ -225,6 +227,24 @@ export class ServerConnection {
       for (const l of this.closeListeners) l(this);
     });
     this.socket.resume();
+  }
+
+  cancelSent(): void {
+    this.cancelsInFlight++;
+  }
+
+  /** The cancel connection closed: PostgreSQL has read the request. */
+  cancelLanded(): void {
+    if (--this.cancelsInFlight > 0) return;
+    const next = this.afterCancels;
+    this.afterCancels = null;
+    next?.();
+  }
+
+  /** Calls `fn` once no cancel for this connection is in flight (at once if none is). */
+  whenCancelsLanded(fn: () => void): void {
+    if (this.cancelsInFlight === 0) fn();
+    else this.afterCancels = fn;
   }
 
   addCloseListener(listener: (conn: ServerConnection) => void): void {
