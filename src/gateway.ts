@@ -19,6 +19,8 @@ import { cancelRequest } from './protocol/frontend.js';
 import { createClientTlsContext } from './tls/context.js';
 import { runAdminCommand, type AdminTable, type AdminTarget } from './admin/console.js';
 import { loadSqlParser } from './sql/classify.js';
+import { loadTamperParser } from './trust/tamper.js';
+import { RulesRegistry, type ControlCredentials, type RulesStore } from './trust/rules-store.js';
 
 export const VERSION = '0.1.0';
 
@@ -37,6 +39,8 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
   log: Logger;
   readonly cancels = new CancelRegistry();
   secrets: SecretStore;
+  /** CONNECT THROUGH rules per server database (trusted sessions). */
+  readonly rules: RulesRegistry;
   tlsContext: tls.SecureContext | null;
   draining = false;
   readonly adminDatabase = 'trustgate';
@@ -57,12 +61,14 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     this.log = options.logger ?? createLogger(config.log.level, options.logDestination);
     this.tlsContext = createClientTlsContext(config.tls);
     this.secrets = new SecretStore(config.auth.users_file, this.authQuerySettings(config), this.log);
+    this.rules = new RulesRegistry(controlCredentials(this.authQuerySettings(config)), this.log);
   }
 
   // ------------------------------------------------------------ lifecycle
 
   async start(): Promise<void> {
     await loadSqlParser();
+    await loadTamperParser();
     const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
     await new Promise<void>((resolve, reject) => {
@@ -108,6 +114,7 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     if (this.maintenanceTimer) clearInterval(this.maintenanceTimer);
     for (const p of this.pools.values()) p.close();
     this.secrets.close();
+    this.rules.close();
     await closed;
     this.log.info('trustgate stopped');
     this.emit('stopped');
@@ -127,6 +134,7 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     this.log.level = config.log.level;
     this.tlsContext = createClientTlsContext(config.tls);
     this.secrets.reload(config.auth.users_file, this.authQuerySettings(config));
+    this.rules.reload(controlCredentials(this.authQuerySettings(config)));
     for (const pool of this.pools.values()) {
       const { endpoint, settings } = this.poolShape(pool.clientDatabase);
       const endpointChanged = endpoint.host !== pool.endpoint.host || endpoint.port !== pool.endpoint.port;
@@ -200,6 +208,10 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
       this.pools.set(key, pool);
     }
     return pool;
+  }
+
+  rulesFor(pool: Pool): RulesStore {
+    return this.rules.storeFor(pool.endpoint, pool.database);
   }
 
   private maintain(): void {
@@ -378,4 +390,9 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
 /** Creates a gateway from a config object (validated; defaults applied). Call start() next. */
 export function createGateway(config: ConfigInput | Config, options: GatewayOptions = {}): Gateway {
   return new Gateway(parseConfig(config), options);
+}
+
+/** The control role reading CONNECT THROUGH rules is the auth role (`auth.user`). */
+function controlCredentials(auth: AuthQuerySettings | null): ControlCredentials | null {
+  return auth ? { user: auth.user, password: auth.password } : null;
 }

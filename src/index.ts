@@ -4,3 +4,4 @@ export { parseConfig, loadConfig, ConfigError } from './config/load.js';
 export type { Config, ConfigInput, PoolMode } from './config/schema.js';
 export { EmbeddedPostgres, type EmbeddedPostgresOptions } from './embedded/postgres.js';
 export { makeScramVerifier } from './auth/scram.js';
+export { withProxy, queryBandStatement, type ProxyRequest } from './middle-tier/with-proxy.js';

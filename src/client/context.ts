@@ -7,6 +7,7 @@ import type { SecretStore } from '../auth/secrets.js';
 import type { Pool } from '../pool/pool.js';
 import type { ServerConnection } from '../server/server-connection.js';
 import type { ClientSession } from './session.js';
+import type { RulesStore } from '../trust/rules-store.js';
 
 export interface SessionContext {
   readonly config: Config;
@@ -20,6 +21,8 @@ export interface SessionContext {
   admitClient(session: ClientSession): boolean;
   sessionClosed(session: ClientSession): void;
   poolFor(database: string, user: string): Pool;
+  /** CONNECT THROUGH rules of the server database behind `pool`. */
+  rulesFor(pool: Pool): RulesStore;
   /** Which database secrets for admin-console users are looked up in. */
   secretsDatabase(database: string): string;
   adminParameters(): Map<string, string>;

@@ -26,6 +26,8 @@ export const enum Expect {
 export const enum ReplyAction {
   Forward = 0,
   Swallow = 1,
+  /** Forwarded, but the CommandComplete is replaced by the entry's payload (gateway statements run as a CALL). */
+  RenameTag = 2,
 }
 
 export class ReplyQueue {
@@ -65,6 +67,10 @@ export class ReplyQueue {
     this.actions[i] = action;
     this.payloads[i] = payload;
     this.undos[i] = undo;
+  }
+
+  setHeadAction(action: ReplyAction): void {
+    this.actions[this.head] = action;
   }
 
   /** The head request is answered: the next one becomes the head. */

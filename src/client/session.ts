@@ -2,13 +2,16 @@
  * One client connection: prologue, authentication, login, then the relay between the client and
  * the server connections its pool lends it.
  *
- * Session mode: one server for the client's lifetime, bytes forwarded as they come.
+ * Session mode: one server for the client's lifetime.
  * Transaction mode: a server is borrowed at the first message and returned at the ReadyForQuery
  * that ends the last outstanding request outside a transaction. Protocol-level named prepared
- * statements are renamed per SQL text, prepared on demand on whichever server the client gets,
- * and their responses are kept in order by a small queue of expected replies. Statements that
- * leave session state behind pin the client to its server until it disconnects; the server is
- * then reset before anyone else gets it.
+ * statements are renamed per SQL text and prepared on demand on whichever server the client gets.
+ * Statements that leave session state behind pin the client to its server until it disconnects;
+ * the server is then reset before anyone else gets it.
+ *
+ * In both modes every request is tracked in a small queue of expected replies, so the gateway can
+ * send its own messages in between (identity switches of trusted sessions, prepared statements)
+ * and answer some statements itself (SET QUERY_BAND) in order with the server's replies.
  */
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
@@ -17,7 +20,10 @@ import { MessageFramer } from '../protocol/framer.js';
 import {
   authenticationOk,
   backendKeyData,
+  bindComplete,
   closeComplete,
+  commandComplete,
+  noData,
   errorResponse,
   negotiateProtocolVersion,
   noticeResponse,
@@ -28,13 +34,16 @@ import {
   decodeError,
 } from '../protocol/backend.js';
 import {
+  bindExecuteMessages,
   closeMessage,
   decodeBindNames,
   decodeParse,
   decodeQuery,
   decodeTarget,
   describeMessage,
+  parseMessage,
   queryMessage,
+  syncMessage,
   rewriteBind,
   rewriteParse,
 } from '../protocol/frontend.js';
@@ -47,7 +56,15 @@ import { authenticateClient, type AuthChannel } from '../auth/client-auth.js';
 import { classifySql } from '../sql/classify.js';
 import { nextConnectionId, type Logger } from '../log/logger.js';
 import { clearAppliedParams, type ServerConnection } from '../server/server-connection.js';
-import type { Pool, PoolWaiter } from '../pool/pool.js';
+import { TRANSACTION_MODE_RESET, type Pool, type PoolWaiter } from '../pool/pool.js';
+import { TrustedSession, type TxState } from '../trust/trusted-session.js';
+import type { RulesStore } from '../trust/rules-store.js';
+import { isQueryBandStatement, parseSetQueryBand, QueryBandError } from '../trust/query-band.js';
+import { ConnectThroughError, isConnectThroughStatement, parseConnectThrough } from '../trust/connect-through.js';
+import { findIdentityTamper, type TamperContext } from '../trust/tamper.js';
+import { mayHaveTrustedMarking, splitTrustedMarking, trustKeyMatches } from '../trust/trusted-request.js';
+import { identityMac, identityToken, NO_IDENTITY, SWITCH_MEMBER_SQL, SWITCH_MEMBER_STATEMENT, SWITCH_SQL, SWITCH_STATEMENT, UNKNOWN_IDENTITY_KEY, type Identity } from '../trust/identity.js';
+import { connectThroughCallSql, raiseSql } from '../trust/server-sql.js';
 import type { SessionContext } from './context.js';
 import { completes, Expect, ReplyAction, ReplyQueue } from './reply-queue.js';
 import { evictOldest, statementServerName, StatementBooks, usePrepared, type ClientStatement, type StatementUndo } from './statement-books.js';
@@ -61,6 +78,26 @@ const enum Phase {
 
 /** Bytes a client may queue while waiting for a server connection before it is paused. */
 const BACKLOG_PAUSE_BYTES = 1 << 20;
+
+/** What the trusted-session checks decided about a request. */
+const enum Outcome {
+  /** Handled by the gateway (answered, refused or held): nothing more to send. */
+  Done,
+  Forward,
+  /** Forward, after a switch of the server's identity: a simple query then needs a closing Sync. */
+  ForwardSwitched,
+}
+
+/** Marks the swallowed cleanup query: if it fails, the end user's state may remain, so the client is closed. */
+const CLEANUP_MARK = Buffer.alloc(0);
+/**
+ * Marks the Sync after a switch that a simple query waits for (outside a transaction block a
+ * simple query cannot follow unsynced extended messages): if the switch fails, that Sync's
+ * ReadyForQuery answers the query, which is then dropped.
+ */
+const SWITCH_SYNC_MARK = Buffer.alloc(0);
+/** ParameterDescription with no parameters. */
+const NO_PARAMETERS = Buffer.from([0x74, 0, 0, 0, 6, 0, 0]);
 
 export class ClientSession implements PoolWaiter {
   readonly id = nextConnectionId('c');
@@ -103,6 +140,24 @@ export class ClientSession implements PoolWaiter {
   private serverSentFatal = false;
   /** Set by gateway-injected queries that failed, reported to the client once. */
   private injectedError: string | null = null;
+  // --- trusted sessions (query bands, proxy users) ---
+  private trust: TrustedSession | null = null;
+  private rules: RulesStore | null = null;
+  private readonly tamperContext: TamperContext = { trustedUser: false, proxyActive: false };
+  /** Session mode forwards statement names as they are; transaction mode renames them per SQL text. */
+  private renameStatements = false;
+  /** Messages wait in the backlog until the replies in flight have arrived (or rules are loaded). */
+  private holding = false;
+  /** Session state was made while a proxy was in force: it must go before the next proxy. */
+  private proxyStateDirty = false;
+  private needsCleanup = false;
+  /** The unnamed statement is a SET QUERY_BAND the gateway answered (extended protocol). */
+  private unnamedIsBand = false;
+  /** A GRANT/REVOKE CONNECT THROUGH ran: reload the rules once it is committed. */
+  private rulesChangePending = false;
+  private rulesUnavailable: Error | null = null;
+  /** The held simple query's switch failed: drop it (its error and ReadyForQuery were sent). */
+  private dropHeldRequest = false;
   private authReceive: ((m: { type: number; buf: Buffer; start: number; end: number }) => void) | null = null;
   private authQueue: { type: number; buf: Buffer; start: number; end: number }[] = [];
   stats = { queries: 0, bytesIn: 0, bytesOut: 0 };
@@ -226,6 +281,9 @@ export class ClientSession implements PoolWaiter {
     const pool = this.ctx.poolFor(this.database, this.user);
     this.pool = pool;
     this.transactionMode = pool.settings.mode === 'transaction';
+    this.renameStatements = this.transactionMode;
+    this.rules = this.ctx.rulesFor(pool);
+    this.trust = new TrustedSession(this.user, this.rules);
     if (credentials.scramKeys || credentials.md5Hash || credentials.password !== undefined) pool.credentials = credentials;
     // Borrow a server once at login: it proves the server accepts this user and database,
     // applies the client's startup parameters (errors surface as FATAL like on a direct login),
@@ -362,6 +420,13 @@ export class ClientSession implements PoolWaiter {
       this.adminMessage(type, buf, start, end);
       return;
     }
+    if (this.holding) {
+      if (!isKnownFrontendType(type)) throw unknownType(type);
+      this.queueBacklog(buf, start, end);
+      return;
+    }
+    // SET QUERY_BAND needs no server (transaction mode, between transactions): answer it at once.
+    if (!this.server && this.backlog.length === 0 && type === Frontend.Query && this.trust && this.answerWithoutServer(buf, start, end)) return;
     if (!this.server || this.backlog.length > 0) {
       // Garbage is refused at once: it must not wait for (or borrow) a server connection first.
       if (!isKnownFrontendType(type)) throw unknownType(type);
@@ -378,37 +443,51 @@ export class ClientSession implements PoolWaiter {
       }
       return;
     }
-    if (!this.transactionMode) this.sessionModeMessage(type, buf, start, end);
-    else this.transactionModeMessage(type, buf, start, end);
+    this.relayMessage(type, buf, start, end);
   };
 
-  private sessionModeMessage(type: number, buf: Buffer, start: number, end: number): void {
-    if (type === Frontend.Query) this.stats.queries++;
-    else if (!isKnownFrontendType(type)) throw unknownType(type);
-    else if (type === Frontend.Password) throw new PgError(SqlState.ProtocolViolation, 'unexpected password message after authentication', 'FATAL');
-    // Requests in flight (answered by ReadyForQuery), so that a client leaving mid-request gets
-    // its server closed rather than reset and handed on with the reply still to come.
-    if (type === Frontend.Query || type === Frontend.FunctionCall || type === Frontend.Sync) this.pendingSyncs++;
-    if (type === Frontend.Sync) this.unsynced = false;
-    else if (type === Frontend.Parse || type === Frontend.Bind || type === Frontend.Describe || type === Frontend.Execute || type === Frontend.Close) this.unsynced = true;
-    this.toServer.range(buf, start, end);
-  }
-
-  private transactionModeMessage(type: number, buf: Buffer, start: number, end: number): void {
+  /**
+   * Client messages once a server is linked. Every request is tracked in the reply queue (both pool
+   * modes), so the gateway can slip its own messages in (identity switches, prepared statements)
+   * and answer some statements itself.
+   */
+  private relayMessage(type: number, buf: Buffer, start: number, end: number): void {
     if (this.discardUntilSync && type !== Frontend.Sync) return;
     switch (type) {
       case Frontend.Query: {
         this.stats.queries++;
-        this.noteSql(decodeQuery(buf, start, end));
+        const sql = decodeQuery(buf, start, end);
+        let outcome = Outcome.Forward;
+        if (this.trust) {
+          outcome = this.inspectRequest(sql, true, buf, start, end);
+          if (outcome === Outcome.Done) return;
+          outcome = this.syncIdentity(true, buf, start, end);
+          if (outcome === Outcome.Done) return;
+        }
+        this.noteSql(sql);
         this.forward(buf, start, end, Expect.Query);
         this.pendingSyncs++;
+        if (outcome === Outcome.ForwardSwitched) this.closingSync();
         return;
       }
       case Frontend.Parse: {
         const msg = decodeParse(buf, start, end);
+        if (this.trust) {
+          if (msg.name === '') this.unnamedIsBand = false;
+          if (this.inspectRequest(msg.query, false, buf, start, end, msg.name !== '') === Outcome.Done) return;
+          if (this.syncIdentity(false, buf, start, end) === Outcome.Done) return;
+        }
         this.noteSql(msg.query);
         this.unsynced = true;
         if (msg.name === '') {
+          this.forward(buf, start, end, Expect.Parse);
+          return;
+        }
+        if (!this.renameStatements) {
+          if (msg.name.startsWith('tg_')) {
+            this.refuse(new PgError(SqlState.InsufficientPrivilege, `prepared statement names starting with "tg_" are reserved for trustgate ("${msg.name}")`), false);
+            return;
+          }
           this.forward(buf, start, end, Expect.Parse);
           return;
         }
@@ -428,9 +507,14 @@ export class ClientSession implements PoolWaiter {
         return;
       }
       case Frontend.Bind: {
+        if (this.unnamedIsBand && end - start > 7 && buf[start + 5] === 0 && buf[start + 6] === 0) {
+          this.synthetic(bindComplete());
+          return;
+        }
+        if (this.trust && !this.unsynced && this.syncIdentity(false, buf, start, end) === Outcome.Done) return;
         this.unsynced = true;
-        if (end - start > 7 && buf[start + 5] === 0 && buf[start + 6] === 0) {
-          // Unnamed portal and statement: nothing to rename, no need to decode.
+        if (!this.renameStatements || (end - start > 7 && buf[start + 5] === 0 && buf[start + 6] === 0)) {
+          // Unnamed portal and statement (or names kept as they are): nothing to rename.
           this.forward(buf, start, end, Expect.Bind);
           return;
         }
@@ -445,8 +529,14 @@ export class ClientSession implements PoolWaiter {
         return;
       }
       case Frontend.Describe: {
+        if (this.unnamedIsBand && end - start === 7 && buf[start + 6] === 0) {
+          // A statement is described with its (zero) parameters first; a portal is not.
+          this.synthetic(buf[start + 5] === 0x53 ? Buffer.concat([NO_PARAMETERS, noData()]) : noData());
+          return;
+        }
+        if (this.trust && !this.unsynced && this.syncIdentity(false, buf, start, end) === Outcome.Done) return;
         this.unsynced = true;
-        if (end - start === 7 && (buf[start + 5] === 0x50 || buf[start + 5] === 0x53) && buf[start + 6] === 0) {
+        if (!this.renameStatements || (end - start === 7 && (buf[start + 5] === 0x50 || buf[start + 5] === 0x53) && buf[start + 6] === 0)) {
           this.forward(buf, start, end, Expect.Describe); // unnamed portal or statement
           return;
         }
@@ -462,7 +552,11 @@ export class ClientSession implements PoolWaiter {
       case Frontend.Close: {
         this.unsynced = true;
         const t = decodeTarget(buf, start, end);
-        if (t.kind === 0x53 && t.name !== '') {
+        if (!this.renameStatements && t.name.startsWith('tg_')) {
+          this.refuse(new PgError(SqlState.InsufficientPrivilege, `prepared statement names starting with "tg_" are reserved for trustgate ("${t.name}")`), false);
+          return;
+        }
+        if (this.renameStatements && t.kind === 0x53 && t.name !== '') {
           // The server keeps its copy for other clients; the client's name is forgotten.
           const statement = this.statements.forget(t.name);
           this.synthetic(closeComplete(), statement && { kind: 'close', serverName: statement.serverName, clientName: t.name, statement });
@@ -473,6 +567,11 @@ export class ClientSession implements PoolWaiter {
       }
       case Frontend.Execute:
         this.stats.queries++;
+        if (this.unnamedIsBand && end - start > 5 && buf[start + 5] === 0) {
+          this.synthetic(commandComplete('SET'));
+          return;
+        }
+        if (this.trust && !this.unsynced && this.syncIdentity(false, buf, start, end) === Outcome.Done) return;
         this.unsynced = true;
         this.forward(buf, start, end, Expect.Execute);
         return;
@@ -482,10 +581,17 @@ export class ClientSession implements PoolWaiter {
         this.forward(buf, start, end, Expect.Sync);
         this.pendingSyncs++;
         return;
-      case Frontend.FunctionCall:
+      case Frontend.FunctionCall: {
+        let outcome = Outcome.Forward;
+        if (this.trust) {
+          outcome = this.syncIdentity(true, buf, start, end);
+          if (outcome === Outcome.Done) return;
+        }
         this.forward(buf, start, end, Expect.Query);
         this.pendingSyncs++;
+        if (outcome === Outcome.ForwardSwitched) this.closingSync();
         return;
+      }
       case Frontend.Flush:
       case Frontend.CopyData:
       case Frontend.CopyDone:
@@ -499,11 +605,275 @@ export class ClientSession implements PoolWaiter {
     }
   }
 
+  // ---------------------------------------------------------------- trusted sessions
+
+  /**
+   * Trusted-session checks of a request's SQL text: a trusted-request marking, SET QUERY_BAND and
+   * GRANT/REVOKE CONNECT THROUGH (which the gateway handles), identity tampering (refused).
+   */
+  private inspectRequest(sql: string, simple: boolean, buf: Buffer, start: number, end: number, named = false): Outcome {
+    const trust = this.trust!;
+    if (!this.rules!.ready) return this.holdForRules(simple, buf, start, end);
+    let trusted = false;
+    if (mayHaveTrustedMarking(sql)) {
+      const marking = splitTrustedMarking(sql);
+      if (marking) {
+        if (!trustKeyMatches(marking.key, this.rules!.trustKey(this.user))) {
+          this.log.warn({ user: this.user }, 'refused a request with an invalid trusted-request marking');
+          return this.refuse(
+            new PgError(SqlState.InsufficientPrivilege, 'invalid trusted-request marking', undefined, undefined, "The key is the trusted user's trust key (SELECT trustgate.trust_key(...) as a trustgate administrator)."),
+            simple,
+          );
+        }
+        if (!isQueryBandStatement(marking.rest)) return this.refuse(new PgError(SqlState.FeatureNotSupported, 'a trusted-request marking is only accepted on SET QUERY_BAND'), simple);
+        trusted = true;
+        sql = marking.rest;
+      }
+    }
+    if (isQueryBandStatement(sql)) {
+      if (named) return this.refuse(new PgError(SqlState.FeatureNotSupported, 'SET QUERY_BAND cannot be prepared as a named statement'), false);
+      return this.setQueryBand(sql, trusted, simple, buf, start, end);
+    }
+    if (isConnectThroughStatement(sql)) return this.connectThrough(sql, simple);
+    const ctx = this.tamperContext;
+    ctx.trustedUser = trust.isTrustedUser;
+    ctx.proxyActive = trust.proxyActive;
+    const tamper = findIdentityTamper(sql, ctx);
+    if (tamper) {
+      this.log.warn({ user: this.user, statement: tamper, proxy: ctx.proxyActive }, 'refused an identity-changing statement');
+      const why = ctx.proxyActive ? 'while a proxy user is in force' : ctx.trustedUser ? 'for a trusted user' : 'through trustgate';
+      return this.refuse(
+        new PgError(SqlState.InsufficientPrivilege, `${tamper} is not allowed ${why}`, undefined, undefined, 'The session identity is set with SET QUERY_BAND (ProxyUser, ProxyRole) only.'),
+        simple,
+      );
+    }
+    return Outcome.Forward;
+  }
+
+  private setQueryBand(sql: string, trusted: boolean, simple: boolean, buf: Buffer, start: number, end: number): Outcome {
+    if (!simple && this.unsynced) {
+      return this.refuse(new PgError(SqlState.FeatureNotSupported, 'SET QUERY_BAND must be the first statement of an extended-protocol batch (send Sync before it)'), false);
+    }
+    // The transaction state must be known exactly: wait for the replies still in flight.
+    if (!this.replies.empty) return this.holdUntilDrained(buf, start, end);
+    let stmt;
+    try {
+      stmt = parseSetQueryBand(sql);
+    } catch (err) {
+      if (err instanceof QueryBandError) return this.refuse(new PgError(err.sqlState, err.message), simple);
+      throw err;
+    }
+    const status = this.server?.txStatus ?? TxStatus.Idle;
+    const tx: TxState = status === TxStatus.Idle ? 'idle' : status === TxStatus.Failed ? 'failed' : 'in-transaction';
+    try {
+      if (this.trust!.setQueryBand(stmt, trusted, tx, this.proxyStateDirty)) {
+        // A new end user: what the last one left in the session goes first.
+        if (this.proxyStateDirty) this.needsCleanup = true;
+      }
+    } catch (err) {
+      if (err instanceof PgError) return this.refuse(err, simple);
+      throw err;
+    }
+    this.log.debug({ scope: stmt.scope, trusted, proxyUser: this.trust!.identity().grant?.proxyUser }, 'query band set');
+    if (simple) {
+      this.toClient.message(commandComplete('SET'));
+      this.toClient.message(readyForQuery(status));
+    } else {
+      this.unnamedIsBand = true;
+      this.unsynced = true;
+      this.synthetic(parseComplete());
+    }
+    return Outcome.Done;
+  }
+
+  private connectThrough(sql: string, simple: boolean): Outcome {
+    if (!simple) return this.refuse(new PgError(SqlState.FeatureNotSupported, 'GRANT/REVOKE CONNECT THROUGH is supported in the simple query protocol only'), false);
+    let stmt;
+    try {
+      stmt = parseConnectThrough(sql);
+    } catch (err) {
+      if (err instanceof ConnectThroughError) return this.refuse(new PgError(SqlState.SyntaxError, err.message), simple);
+      throw err;
+    }
+    if (this.rules!.notInstalled) {
+      return this.refuse(new PgError(SqlState.ObjectNotInPrerequisiteState, 'the trustgate catalog is not installed in this database', undefined, undefined, 'Run trustgate init.'), simple);
+    }
+    // Runs as the granting user, so PostgreSQL checks the caller's rights on every role named.
+    const tag = stmt.kind.startsWith('grant') ? 'GRANT' : 'REVOKE';
+    this.sendMessage(queryMessage(connectThroughCallSql(stmt)), Expect.Query, ReplyAction.RenameTag, null, commandComplete(tag));
+    this.pendingSyncs++;
+    this.rulesChangePending = true;
+    this.log.info({ user: this.user, statement: stmt.kind, trustedUser: stmt.trustedUser }, 'CONNECT THROUGH change');
+    return Outcome.Done;
+  }
+
+  /**
+   * Before a request goes out, the server connection must run as the client's identity. The switch
+   * is a Bind/Execute of a prepared statement with no Sync after it: if PostgreSQL refuses it, the
+   * request behind it is skipped up to the next Sync and never runs under the wrong identity.
+   */
+  private syncIdentity(simple: boolean, buf: Buffer, start: number, end: number): Outcome {
+    const trust = this.trust!;
+    const server = this.server!;
+    if (!this.rules!.ready && trust.proxyActive) return this.holdForRules(simple, buf, start, end);
+    // In a failed transaction everything but ROLLBACK fails anyway; a switch would fail it too.
+    if (server.txStatus === TxStatus.Failed) return Outcome.Forward;
+    if (this.needsCleanup) this.cleanup(server);
+    const refusal = trust.refused;
+    if (refusal) return this.refuse(refusal, simple);
+    const want = trust.identity();
+    if (server.identityKey === want.key) return Outcome.Forward;
+    if (want.transactionBand !== null) {
+      const base = trust.identityOutsideTransaction();
+      if (server.sessionIdentityKey !== base.key) {
+        this.emitSwitch(server, base, false);
+        server.sessionIdentityKey = base.key;
+      }
+      this.emitSwitch(server, want, true);
+    } else {
+      this.emitSwitch(server, want, false);
+      server.sessionIdentityKey = want.key;
+    }
+    server.identityKey = want.key;
+    if (simple && (server.txStatus === TxStatus.Idle || !this.replies.empty)) {
+      // Maybe outside a transaction block: the switch gets its own Sync and the query waits for it.
+      this.sendMessage(syncMessage(), Expect.Sync, ReplyAction.Swallow, null, SWITCH_SYNC_MARK);
+      this.pendingSyncs++;
+      return this.holdUntilDrained(buf, start, end);
+    }
+    return Outcome.ForwardSwitched;
+  }
+
+  private emitSwitch(server: ServerConnection, identity: Identity, local: boolean): void {
+    const member = identity.grant?.memberCheck ?? null;
+    const name = member ? SWITCH_MEMBER_STATEMENT : SWITCH_STATEMENT;
+    if (!server.gatewayStatements.has(name)) {
+      this.sendMessage(parseMessage(name, member ? SWITCH_MEMBER_SQL : SWITCH_SQL), Expect.Parse, ReplyAction.Swallow);
+      server.gatewayStatements.add(name);
+    }
+    const token = identity === NO_IDENTITY ? '' : identityToken(identity, this.user, server.processId);
+    const key = this.rules!.key;
+    const params = [identity.role, token, token && key ? identityMac(key, token) : '', local ? 'true' : 'false'];
+    if (member) params.push(member);
+    this.toServer.message(bindExecuteMessages(name, params));
+    this.replies.push(Expect.Bind, ReplyAction.Swallow, null, null);
+    this.replies.push(Expect.Execute, ReplyAction.Swallow, null, null);
+  }
+
+  /** A simple query sent behind a switch: this Sync answers it if the switch fails (see onServerMessage). */
+  private closingSync(): void {
+    this.sendMessage(syncMessage(), Expect.Sync, ReplyAction.Swallow);
+    this.pendingSyncs++;
+  }
+
+  /** The end user whose proxy just ended made session state: reset the connection to the trusted user's. */
+  private cleanup(server: ServerConnection): void {
+    this.needsCleanup = false;
+    this.proxyStateDirty = false;
+    this.sendMessage(queryMessage(TRANSACTION_MODE_RESET), Expect.Query, ReplyAction.Swallow, null, CLEANUP_MARK);
+    this.pendingSyncs++;
+    clearAppliedParams(server);
+    const sets = this.paramSyncSql(server);
+    if (sets) {
+      this.sendMessage(queryMessage(sets), Expect.Query, ReplyAction.Swallow);
+      this.pendingSyncs++;
+      this.markParamsApplied(server);
+    }
+    if (this.transactionMode) this.pinnedReason = null;
+    this.log.debug({ server: server.id }, 'server connection reset after a proxy user ended');
+  }
+
+  private cleanupFailed(message: string): void {
+    this.log.error({ err: message }, 'resetting the server connection after a proxy user failed');
+    this.server?.destroy();
+    this.fatal(new PgError(SqlState.InternalError, 'trustgate could not clear the previous proxy user\'s session state', 'FATAL'));
+  }
+
+  /**
+   * Refuses a request the way PostgreSQL would: the server raises the error itself, so an open
+   * transaction block is aborted as by any failed statement, in order with the other replies.
+   */
+  private refuse(err: PgError, simple: boolean): Outcome {
+    this.log.info({ code: err.code, err: err.message }, 'request refused');
+    const server = this.server;
+    if (!simple) this.discardUntilSync = true;
+    if (!server) {
+      // No server: nothing in flight, no transaction open.
+      this.toClient.message(errorResponse(err));
+      if (simple) this.toClient.message(readyForQuery(TxStatus.Idle));
+      return Outcome.Done;
+    }
+    const sql = raiseSql(err);
+    if (simple) {
+      this.sendMessage(queryMessage(sql), Expect.Query, ReplyAction.Forward);
+      this.pendingSyncs++;
+      return Outcome.Done;
+    }
+    this.unsynced = true;
+    this.sendMessage(parseMessage('', sql), Expect.Parse, ReplyAction.Swallow);
+    this.toServer.message(bindExecuteMessages('', []));
+    this.replies.push(Expect.Bind, ReplyAction.Swallow, null, null);
+    this.replies.push(Expect.Execute, ReplyAction.Forward, null, null);
+    return Outcome.Done;
+  }
+
+  /** Holds this message and the ones after it until the replies in flight have arrived. */
+  private holdUntilDrained(buf: Buffer, start: number, end: number): Outcome {
+    this.holding = true;
+    this.queueBacklog(buf, start, end);
+    return Outcome.Done;
+  }
+
+  /** Holds requests until the rules are loaded (bounded; then they are refused). */
+  private holdForRules(simple: boolean, buf: Buffer, start: number, end: number): Outcome {
+    const failure = this.rulesUnavailable;
+    if (failure) {
+      this.rulesUnavailable = null;
+      return this.refuse(new PgError(SqlState.ConnectionFailure, failure.message), simple);
+    }
+    this.holding = true;
+    this.queueBacklog(buf, start, end);
+    this.rules!.whenReady((err) => {
+      if (this.phase === Phase.Closed) return;
+      this.rulesUnavailable = err;
+      this.holding = false;
+      this.processBacklog();
+    });
+    return Outcome.Done;
+  }
+
+  /** SET QUERY_BAND while no server is linked (transaction mode): true if answered. */
+  private answerWithoutServer(buf: Buffer, start: number, end: number): boolean {
+    const sql = decodeQuery(buf, start, end);
+    if (!isQueryBandStatement(splitTrustedMarking(sql)?.rest ?? sql)) return false;
+    this.stats.queries++;
+    this.inspectRequest(sql, true, buf, start, end);
+    if (!this.toClient.empty) this.toClient.flush(this.socket);
+    return true;
+  }
+
+  /** ReadyForQuery: the transaction state, and what ends with a transaction. */
+  private noteReady(server: ServerConnection, status: number): void {
+    server.txStatus = status;
+    if (status !== TxStatus.Idle) return;
+    // Settings made with is_local ended with the transaction.
+    server.identityKey = server.sessionIdentityKey;
+    if (this.trust?.endTransaction() && this.proxyStateDirty) this.needsCleanup = true;
+    if (this.rulesChangePending) {
+      // Committed: this instance applies the change before its next request (others on NOTIFY).
+      this.rulesChangePending = false;
+      this.rules?.invalidate();
+    }
+  }
+
   /** Session state makes the client keep its server until it disconnects. */
   private noteSql(sql: string): void {
-    if (this.pinnedReason) return;
+    const proxy = this.trust?.proxyActive === true;
+    if (this.pinnedReason && !proxy) return;
     const c = classifySql(sql);
-    if (c.sessionState) this.pin(c.reason ?? 'session state');
+    if (!c.sessionState) return;
+    if (proxy) this.proxyStateDirty = true;
+    this.pin(c.reason ?? 'session state');
   }
 
   private pin(reason: string): void {
@@ -541,9 +911,9 @@ export class ClientSession implements PoolWaiter {
     this.replies.push(kind, ReplyAction.Forward, null, null);
   }
 
-  private sendMessage(m: Buffer, kind: Expect, action: ReplyAction, undo: StatementUndo | null = null): void {
+  private sendMessage(m: Buffer, kind: Expect, action: ReplyAction, undo: StatementUndo | null = null, payload: Buffer | null = null): void {
     this.toServer.message(m);
-    this.replies.push(kind, action, null, undo);
+    this.replies.push(kind, action, payload, undo);
   }
 
   /** A reply the gateway makes itself, in order with the server's replies. */
@@ -595,7 +965,8 @@ export class ClientSession implements PoolWaiter {
       for (const run of backlog) {
         for (let pos = 0; pos < run.length; ) {
           const end = pos + 1 + run.readInt32BE(pos + 1);
-          if (this.server) this.onClientMessage(run[pos], run, pos, end);
+          if (this.dropHeldRequest) this.dropHeldRequest = false;
+          else if (this.server) this.onClientMessage(run[pos], run, pos, end);
           else this.queueBacklog(run, pos, end); // closed meanwhile: nothing more goes out
           pos = end;
         }
@@ -616,33 +987,30 @@ export class ClientSession implements PoolWaiter {
     if (chunk[0] === Backend.ErrorResponse && isFatal(chunk)) this.serverSentFatal = true;
     this.stats.bytesOut += chunk.length;
     try {
-      server.framer.push(chunk, this.transactionMode ? this.onServerMessageTx : this.onServerMessageSession);
+      server.framer.push(chunk, this.onServerMessage);
     } catch (err) {
       this.log.error({ err: (err as Error).message }, 'invalid data from server');
       server.destroy();
       return;
     }
     if (!this.toClient.empty && !this.toClient.flush(this.socket)) this.waitForClientDrain(server);
+    if (this.holding && this.replies.empty && this.rules?.ready !== false) {
+      // Replies have drained: held requests (after SET QUERY_BAND) go on, on this server.
+      this.holding = false;
+      this.processBacklog();
+    }
     if (this.releasePending) {
       this.releasePending = false;
       this.maybeRelease();
     }
   };
 
-  private readonly onServerMessageSession = (type: number, buf: Buffer, start: number, end: number): void => {
-    if (type === Backend.ReadyForQuery) {
-      this.server!.txStatus = buf[start + 5];
-      if (this.pendingSyncs > 0) this.pendingSyncs--;
-    }
-    this.toClient.range(buf, start, end);
-  };
-
-  private readonly onServerMessageTx = (type: number, buf: Buffer, start: number, end: number): void => {
+  private readonly onServerMessage = (type: number, buf: Buffer, start: number, end: number): void => {
     const server = this.server!;
     if (this.replies.empty) {
       // Nothing outstanding: asynchronous messages (notices, notifications, parameter status).
       if (type === Backend.ParameterStatus) this.noteParameterStatus(buf, start, end);
-      else if (type === Backend.ReadyForQuery) server.txStatus = buf[start + 5];
+      else if (type === Backend.ReadyForQuery) this.noteReady(server, buf[start + 5]);
       this.toClient.range(buf, start, end);
       return;
     }
@@ -650,10 +1018,10 @@ export class ClientSession implements PoolWaiter {
     const action = this.replies.headAction;
     switch (type) {
       case Backend.ReadyForQuery: {
-        server.txStatus = buf[start + 5];
+        this.noteReady(server, buf[start + 5]);
         const act = this.replies.advancePastSync();
         this.pendingSyncs--;
-        if (act === ReplyAction.Forward) this.toClient.range(buf, start, end);
+        if (act !== ReplyAction.Swallow) this.toClient.range(buf, start, end);
         else if (this.injectedError) {
           this.toClient.message(noticeResponse({ severity: 'WARNING', code: '01000', message: this.injectedError }));
           this.injectedError = null;
@@ -662,28 +1030,43 @@ export class ClientSession implements PoolWaiter {
         if (this.pendingSyncs === 0) this.releasePending = true;
         return;
       }
-      case Backend.ErrorResponse:
+      case Backend.ErrorResponse: {
+        // A failed statement rolls its transaction back, and with it a switch made in it.
+        if (server.identityKey !== '' || server.sessionIdentityKey !== '') forgetIdentity(server);
         if (kind === Expect.Query || kind === Expect.Sync) {
-          if (action === ReplyAction.Forward) this.toClient.range(buf, start, end);
+          if (action !== ReplyAction.Swallow) this.toClient.range(buf, start, end);
+          else if (this.replies.headPayload === CLEANUP_MARK) this.cleanupFailed(decodeError(buf, start, end).message);
           else this.injectedError = `trustgate could not apply session settings: ${decodeError(buf, start, end).message}`;
           return;
         }
-        // An extended-protocol request failed: the server skips everything up to Sync.
+        // An extended-protocol request failed: the server skips everything up to Sync, simple
+        // queries included (one sent behind an identity switch is answered by the closing Sync).
         this.toClient.range(buf, start, end);
         this.undoHead();
         this.replies.advance();
+        let skippedQuery = false;
         while (!this.replies.empty && this.replies.headKind !== Expect.Sync) {
+          if (this.replies.headKind === Expect.Query) {
+            skippedQuery = true;
+            this.pendingSyncs--;
+          }
           this.undoHead();
           this.replies.advance();
         }
+        if (!this.replies.empty && (skippedQuery || this.replies.headPayload === SWITCH_SYNC_MARK)) {
+          // The request behind the failed switch is answered by this Sync's ReadyForQuery.
+          this.replies.setHeadAction(ReplyAction.Forward);
+          if (!skippedQuery) this.dropHeldRequest = true;
+        }
         return;
+      }
       case Backend.CommandComplete:
         this.noteCommandTag(buf, start, end);
         break;
     }
     if (completes(type, kind)) {
       this.replies.advance();
-      if (action === ReplyAction.Forward) this.toClient.range(buf, start, end);
+      if (action !== ReplyAction.Swallow) this.toClient.range(buf, start, end);
       this.afterCompletion();
       return;
     }
@@ -696,6 +1079,10 @@ export class ClientSession implements PoolWaiter {
         return;
     }
     if (action === ReplyAction.Forward) this.toClient.range(buf, start, end);
+    else if (action === ReplyAction.RenameTag) {
+      if (type === Backend.CommandComplete) this.toClient.message(this.replies.headPayload!);
+      else this.toClient.range(buf, start, end);
+    }
   };
 
   /** After a reply completed a request: emit gateway replies now at the head; compact the queue. */
@@ -713,17 +1100,23 @@ export class ClientSession implements PoolWaiter {
     const server = this.server!;
     if (server.params.get(name) !== value) {
       server.params.set(name, value);
+      if (this.trust?.proxyActive) this.proxyStateDirty = true;
       this.pin(`setting ${name} changed`);
     }
   }
 
   private noteCommandTag(buf: Buffer, start: number, end: number): void {
     const len = end - start - 6;
+    // ROLLBACK (also of a savepoint) and PREPARE TRANSACTION may undo an identity switch.
+    if ((len === 8 || len === 19) && (this.server!.identityKey !== '' || this.server!.sessionIdentityKey !== '')) {
+      const tag = buf.toString('latin1', start + 5, end - 1);
+      if (tag === 'ROLLBACK' || tag === 'PREPARE TRANSACTION') forgetIdentity(this.server!);
+    }
     // DISCARD ALL / DEALLOCATE ALL drop the server's prepared statements and settings.
     if (len === 11 || len === 14) {
       const tag = buf.toString('latin1', start + 5, end - 1);
       if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
-        this.server!.prepared.clear();
+        this.server!.forgetPrepared();
         if (tag === 'DISCARD ALL') clearAppliedParams(this.server!);
       }
     }
@@ -944,3 +1337,9 @@ function* backlogTypes(runs: Buffer[]): Generator<number> {
 }
 
 function noop(): void {}
+
+/** The server's identity may have been undone (rollback, error): switch again before the next request. */
+function forgetIdentity(server: ServerConnection): void {
+  server.identityKey = UNKNOWN_IDENTITY_KEY;
+  server.sessionIdentityKey = UNKNOWN_IDENTITY_KEY;
+}

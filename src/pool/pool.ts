@@ -154,7 +154,7 @@ export class Pool {
           : server.internalQuery(TRANSACTION_MODE_RESET);
       reset.then(
         () => {
-          if (this.settings.mode === 'session') server.prepared.clear();
+          if (this.settings.mode === 'session') server.forgetPrepared();
           // Both resets run RESET ALL: the last client's startup parameters are gone (the pool
           // opens servers without any), so the next client must get its own applied again.
           clearAppliedParams(server);

@@ -90,6 +90,14 @@ export function parseComplete(): Buffer {
   return Buffer.from([Backend.ParseComplete, 0, 0, 0, 4]);
 }
 
+export function bindComplete(): Buffer {
+  return Buffer.from([Backend.BindComplete, 0, 0, 0, 4]);
+}
+
+export function noData(): Buffer {
+  return Buffer.from([Backend.NoData, 0, 0, 0, 4]);
+}
+
 export function closeComplete(): Buffer {
   return Buffer.from([Backend.CloseComplete, 0, 0, 0, 4]);
 }

@@ -173,3 +173,24 @@ export function parseMessageForInternalQuery(sql: string, params: (string | null
   w.begin(Frontend.Sync).end();
   return w.toBuffer();
 }
+
+/** Parse of a named statement (parameter types left to the server). */
+export function parseMessage(name: string, sql: string): Buffer {
+  return new MessageWriter(32 + name.length + sql.length).begin(Frontend.Parse).cstring(name).cstring(sql).int16(0).end().toBuffer();
+}
+
+/** Bind of the unnamed portal to a statement, text parameters, text results; then Execute it. */
+export function bindExecuteMessages(statement: string, params: (string | null)[]): Buffer {
+  const w = new MessageWriter(64 + statement.length + params.reduce((n, p) => n + (p?.length ?? 0) * 3 + 4, 0));
+  w.begin(Frontend.Bind).cstring('').cstring(statement).int16(0).int16(params.length);
+  for (const p of params) {
+    if (p === null) w.int32(-1);
+    else {
+      const b = Buffer.from(p);
+      w.int32(b.length).bytes(b);
+    }
+  }
+  w.int16(0).end();
+  w.begin(Frontend.Execute).cstring('').int32(0).end();
+  return w.toBuffer();
+}

@@ -21,6 +21,10 @@ export const SqlState = {
   InvalidSqlStatementName: '26000',
   DuplicatePreparedStatement: '42P05',
   ConfigurationLimitExceeded: '53400',
+  ObjectNotInPrerequisiteState: '55000',
+  ActiveSqlTransaction: '25001',
+  NoActiveSqlTransaction: '25P01',
+  InFailedSqlTransaction: '25P02',
 } as const;
 
 export type Severity = 'ERROR' | 'FATAL' | 'PANIC' | 'WARNING' | 'NOTICE' | 'DEBUG' | 'INFO' | 'LOG';

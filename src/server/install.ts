@@ -1,7 +1,9 @@
 /**
  * Installs what trustgate needs inside a database: the `trustgate` schema with the restricted
- * secret-lookup function used by the auth query, and the role allowed to call it.
+ * secret-lookup function used by the auth query, the role allowed to call it, and the
+ * trusted-sessions catalog (src/trust/catalog-sql.ts).
  */
+import { trustCatalogSql } from '../trust/catalog-sql.js';
 import { ServerConnection, type ServerEndpoint } from './server-connection.js';
 import type { Logger } from '../log/logger.js';
 
@@ -35,7 +37,7 @@ export interface InstallOptions {
   authRolePassword?: string;
 }
 
-/** Runs the install as a superuser (idempotent). */
+/** Runs the install as a superuser (idempotent): the auth function, then the trusted-sessions catalog. */
 export async function installAuthFunction(o: InstallOptions, log: Logger): Promise<void> {
   const conn = await ServerConnection.connect(o.endpoint, o.database, o.superuser, { password: o.superuserPassword }, new Map(), log);
   try {
@@ -47,6 +49,7 @@ export async function installAuthFunction(o: InstallOptions, log: Logger): Promi
       );
     }
     await conn.internalQuery(authFunctionSql(o.authRole));
+    await conn.internalQuery(trustCatalogSql(o.authRole), undefined, 30_000);
   } finally {
     conn.terminate();
   }

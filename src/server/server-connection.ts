@@ -73,6 +73,8 @@ export class ServerConnection {
   closed = false;
   /** Server-side names of protocol-level prepared statements present here, oldest first. */
   readonly prepared = new Map<string, true>();
+  /** The gateway's own prepared statements here (identity switches); never evicted. */
+  readonly gatewayStatements = new Set<string>();
   /** Startup parameters currently in effect for the client that last used this connection. */
   readonly appliedParams = new Map<string, string>();
   /** Fingerprint of `appliedParams` (see ClientSession), so a matching client skips the diff. */
@@ -83,6 +85,11 @@ export class ServerConnection {
   private afterCancels: (() => void) | null = null;
   /** Receives server bytes; set by the owner (client session or pool). */
   onData: (chunk: Buffer) => void = () => {};
+  /** Called for each NotificationResponse while the connection runs internal queries or idles (LISTEN). */
+  onNotification: (() => void) | null = null;
+  /** Identity (trusted sessions) in effect now, and at session level (outside the transaction). */
+  identityKey = '';
+  sessionIdentityKey = '';
   /** Called once when the connection is gone. */
   onClose: (conn: ServerConnection) => void = noop;
   /** What the pool sets as `onData` while the connection is idle (made once, not per release). */
@@ -247,6 +254,12 @@ export class ServerConnection {
     else this.afterCancels = fn;
   }
 
+  /** DISCARD ALL / DEALLOCATE ALL ran: no prepared statement is left on the server. */
+  forgetPrepared(): void {
+    this.prepared.clear();
+    this.gatewayStatements.clear();
+  }
+
   addCloseListener(listener: (conn: ServerConnection) => void): void {
     this.closeListeners.push(listener);
   }
@@ -299,6 +312,7 @@ export class ServerConnection {
             if (type === Backend.DataRow) result.rows.push(decodeDataRow(buf, start, end));
             else if (type === Backend.CommandComplete) result.tags.push(buf.toString('latin1', start + 5, end - 1));
             else if (type === Backend.ErrorResponse) error ??= decodeError(buf, start, end);
+            else if (type === Backend.NotificationResponse) this.onNotification?.();
             else if (type === Backend.ParameterStatus) {
               const [k, v] = decodeParameterStatus(buf, start, end);
               this.params.set(k, v);
@@ -326,6 +340,9 @@ function noop(): void {}
 export function clearAppliedParams(server: ServerConnection): void {
   server.appliedParams.clear();
   server.appliedParamsKey = null;
+  // The same resets (RESET ALL, SET SESSION AUTHORIZATION DEFAULT) clear the identity too.
+  server.identityKey = '';
+  server.sessionIdentityKey = '';
 }
 
 function decodeDataRow(buf: Buffer, start: number, end: number): (string | null)[] {
