@@ -128,6 +128,15 @@ trustgate demo is running: gateway on port ${demo.gateway.address().port} in fro
     ${demo.psqlCommand}
 
   Try:  SELECT current_user, * FROM shop.products;
+
+  Trusted sessions: the middle tier app_tier acts for end users alice and bob
+  (GRANT CONNECT THROUGH app_tier TO PERMANENT alice, bob WITHOUT ROLE is in place):
+    psql "${demo.appUrl}"
+      SET QUERY_BAND = 'ProxyUser=alice;order=42;' FOR SESSION;
+      SELECT current_user, trustgate.proxy_user(), * FROM shop.orders;   -- alice's orders only
+      SET QUERY_BAND = NONE FOR SESSION;
+  More rules (as the demo administrator): GRANT CONNECT THROUGH app_tier TO web_user WITH ROLE shop_clerk;
+
   Admin console:  psql "${demo.adminUrl.replace(/\/demo$/, '/trustgate')}" -c 'SHOW POOLS'
 
 Press Ctrl-C to stop (PostgreSQL stops too).

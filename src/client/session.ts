@@ -638,6 +638,13 @@ export class ClientSession implements PoolWaiter {
     const ctx = this.tamperContext;
     ctx.trustedUser = trust.isTrustedUser;
     ctx.proxyActive = trust.proxyActive;
+    if (ctx.trustedUser && lexesDifferently(this.server?.params ?? this.pool!.serverParams)) {
+      // The server would read the text differently from the parser that checks it.
+      return this.refuse(
+        new PgError(SqlState.FeatureNotSupported, 'trusted sessions need standard_conforming_strings = on and a client_encoding that is ASCII-safe (e.g. UTF8)'),
+        simple,
+      );
+    }
     const tamper = findIdentityTamper(sql, ctx);
     if (tamper) {
       this.log.warn({ user: this.user, statement: tamper, proxy: ctx.proxyActive }, 'refused an identity-changing statement');
@@ -1337,6 +1344,13 @@ function* backlogTypes(runs: Buffer[]): Generator<number> {
 }
 
 function noop(): void {}
+
+/** Client-only encodings whose multibyte characters can contain ASCII bytes such as a quote. */
+const UNSAFE_ENCODINGS = new Set(['SJIS', 'SHIFT_JIS_2004', 'BIG5', 'GBK', 'UHC', 'GB18030', 'JOHAB']);
+
+function lexesDifferently(params: Map<string, string>): boolean {
+  return params.get('standard_conforming_strings') === 'off' || UNSAFE_ENCODINGS.has((params.get('client_encoding') ?? '').toUpperCase());
+}
 
 /** The server's identity may have been undone (rollback, error): switch again before the next request. */
 function forgetIdentity(server: ServerConnection): void {
