@@ -282,7 +282,7 @@ BEGIN
       END IF;
       IF EXISTS (SELECT FROM trustgate.connect_rule WHERE trusted_user = t AND proxy_user = who
                  AND revoked_at IS NULL AND kind <> rule_kind) THEN
-        ${raise('42710', `format('proxy user "%s" already has a %s CONNECT THROUGH rule through trusted user "%s"', who, CASE rule_kind WHEN 'permanent' THEN 'application' ELSE 'PERMANENT' END, t)`, `'A name is either a PERMANENT or an application proxy user of one trusted user.'`)}
+        ${raise('42710', `format('"%s" is already %s proxy user of trusted user "%s"', who, CASE rule_kind WHEN 'permanent' THEN 'an application' ELSE 'a PERMANENT' END, t)`, `'A name is either a PERMANENT or an application proxy user of one trusted user.'`)}
       END IF;
     END LOOP;
     FOREACH r IN ARRAY roles LOOP
