@@ -82,6 +82,32 @@ for (const mode of ['transaction', 'session'] as const) {
       assert.deepEqual(await one(app, WHO), { cu: 'app_tier', su: 'app_tier', pu: null, pr: null, qb: null });
     });
 
+    it('runs a request led by a FOR TRANSACTION band in one round trip (Teradata multi-statement request)', async () => {
+      const sql = "SET QUERY_BAND = 'ProxyUser=alice;req=7;' FOR TRANSACTION; SELECT current_user AS cu, trustgate.query_band_value('req') AS req, count(*)::int AS n FROM shop.orders";
+      const results = (await app.query(sql)) as unknown as pg.QueryResult[];
+      assert.equal(results[0].command, 'SET');
+      assert.deepEqual(results[1].rows, [{ cu: 'alice', req: '7', n: 2 }]);
+      assert.deepEqual(await one(app, WHO), { cu: 'app_tier', su: 'app_tier', pu: null, pr: null, qb: null });
+      // Error positions point into the client's own text.
+      const bad = "SET QUERY_BAND = 'ProxyUser=alice;' FOR TRANSACTION; SELECT no_such_column FROM shop.orders";
+      await assert.rejects(app.query(bad), (err: Error & { code?: string; position?: string }) => {
+        assert.equal(err.code, '42703');
+        assert.equal(Number(err.position), bad.indexOf('no_such_column') + 1);
+        return true;
+      });
+      // A refused band runs nothing of the request.
+      await refused(app.query("SET QUERY_BAND = 'ProxyUser=dave;' FOR TRANSACTION; INSERT INTO shop.orders VALUES (99, 'x', 'y')"), '42501');
+      await refused(app.query("SET QUERY_BAND = 'ProxyUser=alice;' FOR SESSION; SELECT 1"), '0A000');
+      await refused(app.query("SET QUERY_BAND = 'ProxyUser=alice;' FOR TRANSACTION; SET ROLE carol"), '42501');
+      assert.equal((await one(app, 'SELECT count(*)::int AS n FROM shop.orders WHERE id = 99')).n, 0);
+      // Inside a transaction block the band lasts until COMMIT.
+      await app.query('BEGIN');
+      await app.query("SET QUERY_BAND = 'ProxyUser=alice;' FOR TRANSACTION; SELECT 1");
+      assert.equal((await one(app, WHO)).cu, 'alice');
+      await app.query('COMMIT');
+      assert.equal((await one(app, WHO)).cu, 'app_tier');
+    });
+
     it('runs a FOR SESSION band as an application user through its roles until NONE', async () => {
       await app.query("SET QUERY_BAND = 'ProxyUser=bob_from_web;ProxyRole=web_reader;' FOR SESSION");
       const who = await one(app, WHO);

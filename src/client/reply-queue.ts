@@ -28,6 +28,12 @@ export const enum ReplyAction {
   Swallow = 1,
   /** Forwarded, but the CommandComplete is replaced by the entry's payload (gateway statements run as a CALL). */
   RenameTag = 2,
+  /**
+   * A request led by SET QUERY_BAND that the gateway sent with its switch statement in front: the
+   * switch's rows are dropped, its CommandComplete becomes the payload, error positions are moved
+   * back to the client's text.
+   */
+  BandLed = 3,
 }
 
 export class ReplyQueue {

@@ -32,6 +32,8 @@ import {
   readyForQuery,
   decodeParameterStatus,
   decodeError,
+  decodeNoticeFields,
+  encodeNoticeFields,
 } from '../protocol/backend.js';
 import {
   bindExecuteMessages,
@@ -59,12 +61,12 @@ import { clearAppliedParams, type ServerConnection } from '../server/server-conn
 import { TRANSACTION_MODE_RESET, type Pool, type PoolWaiter } from '../pool/pool.js';
 import { TrustedSession, type TxState } from '../trust/trusted-session.js';
 import type { RulesStore } from '../trust/rules-store.js';
-import { isQueryBandStatement, parseSetQueryBand, QueryBandError } from '../trust/query-band.js';
+import { isQueryBandStatement, parseSetQueryBand, QueryBandError, splitQueryBandRequest } from '../trust/query-band.js';
 import { ConnectThroughError, isConnectThroughStatement, parseConnectThrough } from '../trust/connect-through.js';
 import { findIdentityTamper, type TamperContext } from '../trust/tamper.js';
 import { mayHaveTrustedMarking, splitTrustedMarking, trustKeyMatches } from '../trust/trusted-request.js';
 import { identityMac, identityToken, NO_IDENTITY, SWITCH_MEMBER_SQL, SWITCH_MEMBER_STATEMENT, SWITCH_SQL, SWITCH_STATEMENT, UNKNOWN_IDENTITY_KEY, type Identity } from '../trust/identity.js';
-import { connectThroughCallSql, raiseSql } from '../trust/server-sql.js';
+import { connectThroughCallSql, dollarQuote, raiseSql } from '../trust/server-sql.js';
 import type { SessionContext } from './context.js';
 import { completes, Expect, ReplyAction, ReplyQueue } from './reply-queue.js';
 import { evictOldest, statementServerName, StatementBooks, usePrepared, type ClientStatement, type StatementUndo } from './statement-books.js';
@@ -96,6 +98,7 @@ const CLEANUP_MARK = Buffer.alloc(0);
  * ReadyForQuery answers the query, which is then dropped.
  */
 const SWITCH_SYNC_MARK = Buffer.alloc(0);
+const NO_TOKEN = ['', ''] as const;
 /** ParameterDescription with no parameters. */
 const NO_PARAMETERS = Buffer.from([0x74, 0, 0, 0, 6, 0, 0]);
 
@@ -156,6 +159,9 @@ export class ClientSession implements PoolWaiter {
   /** A GRANT/REVOKE CONNECT THROUGH ran: reload the rules once it is committed. */
   private rulesChangePending = false;
   private rulesUnavailable: Error | null = null;
+  /** Band-led request in flight: characters the sent text has more than the client's before the rest. */
+  private bandLedShift = 0;
+  private bandLedSwitchDone = false;
   /** The held simple query's switch failed: drop it (its error and ReadyForQuery were sent). */
   private dropHeldRequest = false;
   private authReceive: ((m: { type: number; buf: Buffer; start: number; end: number }) => void) | null = null;
@@ -612,7 +618,6 @@ export class ClientSession implements PoolWaiter {
    * GRANT/REVOKE CONNECT THROUGH (which the gateway handles), identity tampering (refused).
    */
   private inspectRequest(sql: string, simple: boolean, buf: Buffer, start: number, end: number, named = false): Outcome {
-    const trust = this.trust!;
     if (!this.rules!.ready) return this.holdForRules(simple, buf, start, end);
     let trusted = false;
     if (mayHaveTrustedMarking(sql)) {
@@ -635,43 +640,73 @@ export class ClientSession implements PoolWaiter {
       return this.setQueryBand(sql, trusted, simple, buf, start, end);
     }
     if (isConnectThroughStatement(sql)) return this.connectThrough(sql, simple);
+    const tampered = this.tamperReason(sql);
+    return tampered ? this.refuse(tampered, simple) : Outcome.Forward;
+  }
+
+  /** Why this SQL text may not run (it would change the identity), or null. */
+  private tamperReason(sql: string): PgError | null {
+    const trust = this.trust!;
     const ctx = this.tamperContext;
     ctx.trustedUser = trust.isTrustedUser;
     ctx.proxyActive = trust.proxyActive;
     if (ctx.trustedUser && lexesDifferently(this.server?.params ?? this.pool!.serverParams)) {
       // The server would read the text differently from the parser that checks it.
-      return this.refuse(
-        new PgError(SqlState.FeatureNotSupported, 'trusted sessions need standard_conforming_strings = on and a client_encoding that is ASCII-safe (e.g. UTF8)'),
-        simple,
-      );
+      return new PgError(SqlState.FeatureNotSupported, 'trusted sessions need standard_conforming_strings = on and a client_encoding that is ASCII-safe (e.g. UTF8)');
     }
     const tamper = findIdentityTamper(sql, ctx);
-    if (tamper) {
-      this.log.warn({ user: this.user, statement: tamper, proxy: ctx.proxyActive }, 'refused an identity-changing statement');
-      const why = ctx.proxyActive ? 'while a proxy user is in force' : ctx.trustedUser ? 'for a trusted user' : 'through trustgate';
-      return this.refuse(
-        new PgError(SqlState.InsufficientPrivilege, `${tamper} is not allowed ${why}`, undefined, undefined, 'The session identity is set with SET QUERY_BAND (ProxyUser, ProxyRole) only.'),
-        simple,
-      );
-    }
-    return Outcome.Forward;
+    if (!tamper) return null;
+    this.log.warn({ user: this.user, statement: tamper, proxy: ctx.proxyActive }, 'refused an identity-changing statement');
+    const why = ctx.proxyActive ? 'while a proxy user is in force' : ctx.trustedUser ? 'for a trusted user' : 'through trustgate';
+    return new PgError(SqlState.InsufficientPrivilege, `${tamper} is not allowed ${why}`, undefined, undefined, 'The session identity is set with SET QUERY_BAND (ProxyUser, ProxyRole) only.');
+  }
+
+  /**
+   * `SET QUERY_BAND … FOR TRANSACTION; <rest>` in one simple query: the rest goes to PostgreSQL
+   * behind the switch, as one statement list, so the switch (is_local) holds for exactly that
+   * transaction and, if PostgreSQL refuses it, the rest does not run. One round trip.
+   */
+  private sendBandLed(statement: string, rest: string): Outcome {
+    const server = this.server!;
+    if (this.needsCleanup) this.cleanup(server);
+    const identity = this.trust!.identity();
+    const [token, mac] = this.tokenFor(server, identity);
+    const member = identity.grant?.memberCheck;
+    const role = member ? `trustgate.assert_proxy_role(${dollarQuote(member)}, ${dollarQuote(identity.role)})` : dollarQuote(identity.role);
+    const prefix =
+      `SELECT pg_catalog.set_config('role', ${role}, true), pg_catalog.set_config('trustgate.identity', ${dollarQuote(token)}, true), ` +
+      `pg_catalog.set_config('trustgate.identity_mac', ${dollarQuote(mac)}, true);`;
+    this.bandLedShift = codePoints(prefix) - codePoints(statement);
+    this.bandLedSwitchDone = false;
+    this.noteSql(rest);
+    this.sendMessage(queryMessage(prefix + rest), Expect.Query, ReplyAction.BandLed, null, commandComplete('SET'));
+    this.pendingSyncs++;
+    // The local settings end with the transaction (ReadyForQuery I restores the session level).
+    server.identityKey = identity.key;
+    return Outcome.Done;
   }
 
   private setQueryBand(sql: string, trusted: boolean, simple: boolean, buf: Buffer, start: number, end: number): Outcome {
     if (!simple && this.unsynced) {
       return this.refuse(new PgError(SqlState.FeatureNotSupported, 'SET QUERY_BAND must be the first statement of an extended-protocol batch (send Sync before it)'), false);
     }
-    // The transaction state must be known exactly: wait for the replies still in flight.
+    // The transaction state must be known exactly: wait for the replies in flight.
     if (!this.replies.empty) return this.holdUntilDrained(buf, start, end);
+    const { statement, rest } = simple ? splitQueryBandRequest(sql) : { statement: sql, rest: '' };
     let stmt;
     try {
-      stmt = parseSetQueryBand(sql);
+      stmt = parseSetQueryBand(statement);
     } catch (err) {
       if (err instanceof QueryBandError) return this.refuse(new PgError(err.sqlState, err.message), simple);
       throw err;
     }
+    if (rest !== '') {
+      // Teradata's rule: a FOR TRANSACTION band may lead a multi-statement request, once.
+      if (stmt.scope === 'session') return this.refuse(new PgError(SqlState.FeatureNotSupported, 'SET QUERY_BAND … FOR SESSION must be a statement of its own'), true);
+      if (isQueryBandStatement(rest)) return this.refuse(new PgError(SqlState.FeatureNotSupported, 'SET QUERY_BAND can lead a request only once'), true);
+    }
     const status = this.server?.txStatus ?? TxStatus.Idle;
-    const tx: TxState = status === TxStatus.Idle ? 'idle' : status === TxStatus.Failed ? 'failed' : 'in-transaction';
+    const tx: TxState = status === TxStatus.Failed ? 'failed' : status !== TxStatus.Idle ? 'in-transaction' : rest !== '' ? 'request' : 'idle';
     try {
       if (this.trust!.setQueryBand(stmt, trusted, tx, this.proxyStateDirty)) {
         // A new end user: what the last one left in the session goes first.
@@ -682,6 +717,12 @@ export class ClientSession implements PoolWaiter {
       throw err;
     }
     this.log.debug({ scope: stmt.scope, trusted, proxyUser: this.trust!.identity().grant?.proxyUser }, 'query band set');
+    if (rest !== '') {
+      // Checked under the new band (DISCARD ALL, RESET ALL count once a proxy is in force); a
+      // refusal ends the request's transaction and with it the band.
+      const tampered = this.tamperReason(rest);
+      return tampered ? this.refuse(tampered, true) : this.sendBandLed(statement, rest);
+    }
     if (simple) {
       this.toClient.message(commandComplete('SET'));
       this.toClient.message(readyForQuery(status));
@@ -758,13 +799,29 @@ export class ClientSession implements PoolWaiter {
       this.sendMessage(parseMessage(name, member ? SWITCH_MEMBER_SQL : SWITCH_SQL), Expect.Parse, ReplyAction.Swallow);
       server.gatewayStatements.add(name);
     }
-    const token = identity === NO_IDENTITY ? '' : identityToken(identity, this.user, server.processId);
-    const key = this.rules!.key;
-    const params = [identity.role, token, token && key ? identityMac(key, token) : '', local ? 'true' : 'false'];
+    const [token, mac] = this.tokenFor(server, identity);
+    const params = [identity.role, token, mac, local ? 'true' : 'false'];
     if (member) params.push(member);
     this.toServer.message(bindExecuteMessages(name, params));
     this.replies.push(Expect.Bind, ReplyAction.Swallow, null, null);
     this.replies.push(Expect.Execute, ReplyAction.Swallow, null, null);
+  }
+
+  /** The identity token for this backend and its MAC, made once per identity and backend. */
+  private tokenFor(server: ServerConnection, identity: Identity): readonly [string, string] {
+    if (identity === NO_IDENTITY) return NO_TOKEN;
+    const key = this.rules!.key;
+    if (server.identityTokensFor !== key || server.identityTokens.size >= 4096) {
+      server.identityTokens.clear();
+      server.identityTokensFor = key;
+    }
+    let entry = server.identityTokens.get(identity.key);
+    if (!entry) {
+      const token = identityToken(identity, this.user, server.processId);
+      entry = [token, key ? identityMac(key, token) : ''];
+      server.identityTokens.set(identity.key, entry);
+    }
+    return entry;
   }
 
   /** A simple query sent behind a switch: this Sync answers it if the switch fails (see onServerMessage). */
@@ -852,7 +909,8 @@ export class ClientSession implements PoolWaiter {
   /** SET QUERY_BAND while no server is linked (transaction mode): true if answered. */
   private answerWithoutServer(buf: Buffer, start: number, end: number): boolean {
     const sql = decodeQuery(buf, start, end);
-    if (!isQueryBandStatement(splitTrustedMarking(sql)?.rest ?? sql)) return false;
+    const text = splitTrustedMarking(sql)?.rest ?? sql;
+    if (!isQueryBandStatement(text) || splitQueryBandRequest(text).rest !== '') return false;
     this.stats.queries++;
     this.inspectRequest(sql, true, buf, start, end);
     if (!this.toClient.empty) this.toClient.flush(this.socket);
@@ -1041,7 +1099,8 @@ export class ClientSession implements PoolWaiter {
         // A failed statement rolls its transaction back, and with it a switch made in it.
         if (server.identityKey !== '' || server.sessionIdentityKey !== '') forgetIdentity(server);
         if (kind === Expect.Query || kind === Expect.Sync) {
-          if (action !== ReplyAction.Swallow) this.toClient.range(buf, start, end);
+          if (action === ReplyAction.BandLed) this.toClient.message(this.bandLedError(buf, start, end));
+          else if (action !== ReplyAction.Swallow) this.toClient.range(buf, start, end);
           else if (this.replies.headPayload === CLEANUP_MARK) this.cleanupFailed(decodeError(buf, start, end).message);
           else this.injectedError = `trustgate could not apply session settings: ${decodeError(buf, start, end).message}`;
           return;
@@ -1089,8 +1148,27 @@ export class ClientSession implements PoolWaiter {
     else if (action === ReplyAction.RenameTag) {
       if (type === Backend.CommandComplete) this.toClient.message(this.replies.headPayload!);
       else this.toClient.range(buf, start, end);
+    } else if (action === ReplyAction.BandLed) {
+      if (this.bandLedSwitchDone) this.toClient.range(buf, start, end);
+      else if (type === Backend.CommandComplete) {
+        // The switch's own reply: the client sees its SET QUERY_BAND's.
+        this.bandLedSwitchDone = true;
+        this.toClient.message(this.replies.headPayload!);
+      } else if (type !== Backend.RowDescription && type !== Backend.DataRow) this.toClient.range(buf, start, end);
     }
   };
+
+  /** An error of a band-led request, with its position moved back to the client's text. */
+  private bandLedError(buf: Buffer, start: number, end: number): Buffer {
+    const fields = decodeNoticeFields(buf, start, end);
+    const position = Number(fields.get('P'));
+    if (position > 0) {
+      const moved = position - this.bandLedShift;
+      if (moved > 0) fields.set('P', String(moved));
+      else fields.delete('P');
+    }
+    return encodeNoticeFields(Backend.ErrorResponse, fields);
+  }
 
   /** After a reply completed a request: emit gateway replies now at the head; compact the queue. */
   private afterCompletion(): void {
@@ -1347,6 +1425,12 @@ function noop(): void {}
 
 /** Client-only encodings whose multibyte characters can contain ASCII bytes such as a quote. */
 const UNSAFE_ENCODINGS = new Set(['SJIS', 'SHIFT_JIS_2004', 'BIG5', 'GBK', 'UHC', 'GB18030', 'JOHAB']);
+
+function codePoints(text: string): number {
+  let n = 0;
+  for (const _ of text) n++;
+  return n;
+}
 
 function lexesDifferently(params: Map<string, string>): boolean {
   return params.get('standard_conforming_strings') === 'off' || UNSAFE_ENCODINGS.has((params.get('client_encoding') ?? '').toUpperCase());

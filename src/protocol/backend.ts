@@ -173,3 +173,10 @@ export function decodeParameterStatus(buf: Buffer, start: number, end: number): 
 export function decodeCommandTag(buf: Buffer, start: number, end: number): string {
   return buf.toString('latin1', start + 5, end - 1);
 }
+
+/** An ErrorResponse/NoticeResponse of `type` with exactly these fields, in this order. */
+export function encodeNoticeFields(type: number, fields: Map<string, string>): Buffer {
+  const w = new MessageWriter(128).begin(type);
+  for (const [key, value] of fields) w.int8(key.charCodeAt(0)).cstring(value);
+  return w.int8(0).end().toBuffer();
+}

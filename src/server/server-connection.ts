@@ -73,6 +73,9 @@ export class ServerConnection {
   closed = false;
   /** Server-side names of protocol-level prepared statements present here, oldest first. */
   readonly prepared = new Map<string, true>();
+  /** Identity tokens and their MACs made for this backend, by identity key (see ClientSession.emitSwitch). */
+  readonly identityTokens = new Map<string, readonly [token: string, mac: string]>();
+  identityTokensFor: Buffer | null = null;
   /** The gateway's own prepared statements here (identity switches); never evicted. */
   readonly gatewayStatements = new Set<string>();
   /** Startup parameters currently in effect for the client that last used this connection. */

@@ -80,6 +80,36 @@ export function isQueryBandStatement(sql: string): boolean {
   return startsWithStatement(sql, /^set\s+query_band\b/i);
 }
 
+/**
+ * Splits a request that starts with SET QUERY_BAND into that statement and the rest of the text
+ * (Teradata: a FOR TRANSACTION band may be the first statement of a multi-statement request).
+ * The statement ends at the first `;` outside string literals and comments; `rest` is '' when
+ * only whitespace and comments follow. The statement is validated by parseSetQueryBand; the rest
+ * goes to PostgreSQL on its own, so both are read exactly as they will be used.
+ */
+export function splitQueryBandRequest(sql: string): { statement: string; rest: string } {
+  for (let i = 0; i < sql.length; ) {
+    const next = skipTrivia(sql, i);
+    if (next < 0) break;
+    i = next;
+    const c = sql[i];
+    if (c === "'") {
+      for (i++; i < sql.length; i++) {
+        if (sql[i] === "'") {
+          if (sql[i + 1] !== "'") break;
+          i++;
+        }
+      }
+      i++;
+    } else if (c === ';') {
+      const rest = sql.slice(i + 1);
+      const after = skipTrivia(rest, 0);
+      return { statement: sql.slice(0, i + 1), rest: after >= 0 && after >= rest.length ? '' : rest };
+    } else i++;
+  }
+  return { statement: sql, rest: '' };
+}
+
 const WORD = /[A-Za-z_][A-Za-z0-9_]*/y;
 
 type Token = { kind: 'word' | 'string' | 'punct' | 'other' | 'end'; text: string };
@@ -124,8 +154,23 @@ function tokenize(sql: string): Token[] {
   return tokens;
 }
 
-/** Parses a whole SET QUERY_BAND statement. Throws QueryBandError. */
+const statementCache = new Map<string, SetQueryBand>();
+const STATEMENT_CACHE_LIMIT = 10_000;
+
+/**
+ * Parses a whole SET QUERY_BAND statement. Throws QueryBandError. Results are immutable and cached
+ * per statement text (middle tiers repeat the same bands), so the hot path parses each text once.
+ */
 export function parseSetQueryBand(sql: string): SetQueryBand {
+  const hit = statementCache.get(sql);
+  if (hit) return hit;
+  const parsed = Object.freeze(parseSetQueryBandUncached(sql));
+  if (statementCache.size >= STATEMENT_CACHE_LIMIT) statementCache.clear();
+  statementCache.set(sql, parsed);
+  return parsed;
+}
+
+function parseSetQueryBandUncached(sql: string): SetQueryBand {
   const tokens = tokenize(sql);
   let pos = 0;
   const peek = (): Token => tokens[pos];

@@ -15,7 +15,8 @@ import { effectiveBand, mergeBand, type QueryBand, type SetQueryBand } from './q
 import { authorizeProxy, type ProxyGrant, type TrustedUserRules } from './rules.js';
 import { makeIdentity, NO_IDENTITY, type Identity } from './identity.js';
 
-export type TxState = 'idle' | 'in-transaction' | 'failed';
+/** 'request': no transaction block, but the band leads a multi-statement request (its transaction). */
+export type TxState = 'idle' | 'in-transaction' | 'failed' | 'request';
 
 /** Where the session's rules come from (the rules store of its database). */
 export interface RulesSource {
@@ -81,7 +82,7 @@ export class TrustedSession {
     let session = this.sessionBand;
     let transaction = tx === 'in-transaction' ? this.transactionBand : null;
     if (stmt.scope === 'transaction') {
-      if (tx !== 'in-transaction') {
+      if (tx === 'idle') {
         throw new PgError(SqlState.NoActiveSqlTransaction, 'SET QUERY_BAND … FOR TRANSACTION can only be used in transaction blocks', undefined, undefined, 'Run BEGIN first, or use FOR SESSION.');
       }
       transaction = stmt.update && stmt.band ? mergeBand(transaction, stmt.band) : stmt.band;
