@@ -572,7 +572,8 @@ describe('identity key and HMAC', () => {
         pu: 'alice',
         pr: 'ALL',
         k: 'permanent',
-        role: 'alice',
+        // The role the session runs as (no SET ROLE here): identity() checks it.
+        role: t,
         qb: 'ProxyUser=alice;order=42;Zone=é ü;',
         tb: 'ProxyUser=alice;',
         sb: 'order=42;Zone=é ü;',
@@ -597,6 +598,10 @@ describe('identity key and HMAC', () => {
         missing: null,
       });
       await rejects(c.query(`SELECT trustgate.query_band('profile')`), '22023');
+      // A token issued for another role than the session runs as is refused.
+      await set(...token({ ...id, role: 'alice' }));
+      await rejects(c.query('SELECT trustgate.proxy_user()'), '42501');
+      await set(...token(id));
 
       // No proxy user in force: trusted_user() is NULL.
       await set(...token({ ...id, pu: null, pr: null, k: null, tb: null }));

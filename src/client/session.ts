@@ -99,6 +99,8 @@ const CLEANUP_MARK = Buffer.alloc(0);
  */
 const SWITCH_SYNC_MARK = Buffer.alloc(0);
 const NO_TOKEN = ['', ''] as const;
+/** Marks the Parse and Bind of the gateway's switch statement (their failure means tampering). */
+const GATEWAY_STATEMENT_MARK = Buffer.alloc(0);
 /** ParameterDescription with no parameters. */
 const NO_PARAMETERS = Buffer.from([0x74, 0, 0, 0, 6, 0, 0]);
 
@@ -490,11 +492,7 @@ export class ClientSession implements PoolWaiter {
           return;
         }
         if (!this.renameStatements) {
-          if (msg.name.startsWith('tg_')) {
-            this.refuse(new PgError(SqlState.InsufficientPrivilege, `prepared statement names starting with "tg_" are reserved for trustgate ("${msg.name}")`), false);
-            return;
-          }
-          this.forward(buf, start, end, Expect.Parse);
+          if (!this.reservedName(msg.name)) this.forward(buf, start, end, Expect.Parse);
           return;
         }
         if (this.statements.has(msg.name)) {
@@ -517,6 +515,7 @@ export class ClientSession implements PoolWaiter {
           this.synthetic(bindComplete());
           return;
         }
+        if (!this.renameStatements && this.reservedName(decodeBindNames(buf, start, end).statement)) return;
         if (this.trust && !this.unsynced && this.syncIdentity(false, buf, start, end) === Outcome.Done) return;
         this.unsynced = true;
         if (!this.renameStatements || (end - start > 7 && buf[start + 5] === 0 && buf[start + 6] === 0)) {
@@ -540,6 +539,7 @@ export class ClientSession implements PoolWaiter {
           this.synthetic(buf[start + 5] === 0x53 ? Buffer.concat([NO_PARAMETERS, noData()]) : noData());
           return;
         }
+        if (!this.renameStatements && this.reservedName(decodeTarget(buf, start, end).name)) return;
         if (this.trust && !this.unsynced && this.syncIdentity(false, buf, start, end) === Outcome.Done) return;
         this.unsynced = true;
         if (!this.renameStatements || (end - start === 7 && (buf[start + 5] === 0x50 || buf[start + 5] === 0x53) && buf[start + 6] === 0)) {
@@ -558,10 +558,7 @@ export class ClientSession implements PoolWaiter {
       case Frontend.Close: {
         this.unsynced = true;
         const t = decodeTarget(buf, start, end);
-        if (!this.renameStatements && t.name.startsWith('tg_')) {
-          this.refuse(new PgError(SqlState.InsufficientPrivilege, `prepared statement names starting with "tg_" are reserved for trustgate ("${t.name}")`), false);
-          return;
-        }
+        if (!this.renameStatements && this.reservedName(t.name)) return;
         if (this.renameStatements && t.kind === 0x53 && t.name !== '') {
           // The server keeps its copy for other clients; the client's name is forgotten.
           const statement = this.statements.forget(t.name);
@@ -590,6 +587,11 @@ export class ClientSession implements PoolWaiter {
       case Frontend.FunctionCall: {
         let outcome = Outcome.Forward;
         if (this.trust) {
+          if (this.trust.isTrustedUser || this.trust.proxyActive) {
+            // The fast-path interface calls any function by OID (set_config included), unseen by the checks.
+            this.refuse(new PgError(SqlState.InsufficientPrivilege, 'the fast-path function call interface is not allowed in trusted sessions'), true);
+            return;
+          }
           outcome = this.syncIdentity(true, buf, start, end);
           if (outcome === Outcome.Done) return;
         }
@@ -622,7 +624,11 @@ export class ClientSession implements PoolWaiter {
     let trusted = false;
     if (mayHaveTrustedMarking(sql)) {
       const marking = splitTrustedMarking(sql);
-      if (marking) {
+      if (!marking) {
+        // Never forward it: PostgreSQL would log the key with the statement.
+        return this.refuse(new PgError(SqlState.InsufficientPrivilege, 'a trusted-request marking must start the request, before SET QUERY_BAND'), simple);
+      }
+      {
         if (!trustKeyMatches(marking.key, this.rules!.trustKey(this.user))) {
           this.log.warn({ user: this.user }, 'refused a request with an invalid trusted-request marking');
           return this.refuse(
@@ -640,16 +646,17 @@ export class ClientSession implements PoolWaiter {
       return this.setQueryBand(sql, trusted, simple, buf, start, end);
     }
     if (isConnectThroughStatement(sql)) return this.connectThrough(sql, simple);
-    const tampered = this.tamperReason(sql);
+    // A named statement may run later under a proxy: check it as if one were in force.
+    const tampered = this.tamperReason(sql, named);
     return tampered ? this.refuse(tampered, simple) : Outcome.Forward;
   }
 
   /** Why this SQL text may not run (it would change the identity), or null. */
-  private tamperReason(sql: string): PgError | null {
+  private tamperReason(sql: string, assumeProxy = false): PgError | null {
     const trust = this.trust!;
     const ctx = this.tamperContext;
     ctx.trustedUser = trust.isTrustedUser;
-    ctx.proxyActive = trust.proxyActive;
+    ctx.proxyActive = trust.proxyActive || (assumeProxy && ctx.trustedUser);
     if (ctx.trustedUser && lexesDifferently(this.server?.params ?? this.pool!.serverParams)) {
       // The server would read the text differently from the parser that checks it.
       return new PgError(SqlState.FeatureNotSupported, 'trusted sessions need standard_conforming_strings = on and a client_encoding that is ASCII-safe (e.g. UTF8)');
@@ -796,15 +803,22 @@ export class ClientSession implements PoolWaiter {
     const member = identity.grant?.memberCheck ?? null;
     const name = member ? SWITCH_MEMBER_STATEMENT : SWITCH_STATEMENT;
     if (!server.gatewayStatements.has(name)) {
-      this.sendMessage(parseMessage(name, member ? SWITCH_MEMBER_SQL : SWITCH_SQL), Expect.Parse, ReplyAction.Swallow);
+      this.sendMessage(parseMessage(name, member ? SWITCH_MEMBER_SQL : SWITCH_SQL), Expect.Parse, ReplyAction.Swallow, null, GATEWAY_STATEMENT_MARK);
       server.gatewayStatements.add(name);
     }
     const [token, mac] = this.tokenFor(server, identity);
     const params = [identity.role, token, mac, local ? 'true' : 'false'];
     if (member) params.push(member);
     this.toServer.message(bindExecuteMessages(name, params));
-    this.replies.push(Expect.Bind, ReplyAction.Swallow, null, null);
+    this.replies.push(Expect.Bind, ReplyAction.Swallow, GATEWAY_STATEMENT_MARK, null);
     this.replies.push(Expect.Execute, ReplyAction.Swallow, null, null);
+  }
+
+  /** Session mode: statement names starting with tg_ belong to the gateway (its identity switch). Refuses them. */
+  private reservedName(name: string): boolean {
+    if (!name.toLowerCase().startsWith('tg_')) return false;
+    this.refuse(new PgError(SqlState.InsufficientPrivilege, `prepared statement names starting with "tg_" are reserved for trustgate ("${name}")`), false);
+    return true;
   }
 
   /** The identity token for this backend and its MAC, made once per identity and backend. */
@@ -934,6 +948,11 @@ export class ClientSession implements PoolWaiter {
   /** Session state makes the client keep its server until it disconnects. */
   private noteSql(sql: string): void {
     const proxy = this.trust?.proxyActive === true;
+    if (proxy && this.ctx.config.trusted_sessions.reset_after_proxy === 'always') {
+      this.proxyStateDirty = true;
+      this.pin('a proxy user ran SQL (trusted_sessions.reset_after_proxy: always)');
+      return;
+    }
     if (this.pinnedReason && !proxy) return;
     const c = classifySql(sql);
     if (!c.sessionState) return;
@@ -1108,6 +1127,12 @@ export class ClientSession implements PoolWaiter {
         // An extended-protocol request failed: the server skips everything up to Sync, simple
         // queries included (one sent behind an identity switch is answered by the closing Sync).
         this.toClient.range(buf, start, end);
+        if (this.replies.headPayload === GATEWAY_STATEMENT_MARK && (kind === Expect.Parse || decodeError(buf, start, end).code === '26000')) {
+          // Our switch statement was taken or dropped behind our back: the connection cannot be trusted.
+          this.log.error({ server: server.id, err: decodeError(buf, start, end).message }, "the gateway's switch statement was tampered with; closing the server connection");
+          server.gatewayStatements.clear();
+          setImmediate(() => server.destroy());
+        }
         this.undoHead();
         this.replies.advance();
         let skippedQuery = false;
@@ -1192,10 +1217,11 @@ export class ClientSession implements PoolWaiter {
 
   private noteCommandTag(buf: Buffer, start: number, end: number): void {
     const len = end - start - 6;
-    // ROLLBACK (also of a savepoint) and PREPARE TRANSACTION may undo an identity switch.
-    if ((len === 8 || len === 19) && (this.server!.identityKey !== '' || this.server!.sessionIdentityKey !== '')) {
+    // ROLLBACK (also of a savepoint) and PREPARE TRANSACTION may undo an identity switch, RESET
+    // (ALL) may clear its settings.
+    if ((len === 5 || len === 8 || len === 19) && (this.server!.identityKey !== '' || this.server!.sessionIdentityKey !== '')) {
       const tag = buf.toString('latin1', start + 5, end - 1);
-      if (tag === 'ROLLBACK' || tag === 'PREPARE TRANSACTION') forgetIdentity(this.server!);
+      if (tag === 'ROLLBACK' || tag === 'PREPARE TRANSACTION' || tag === 'RESET') forgetIdentity(this.server!);
     }
     // DISCARD ALL / DEALLOCATE ALL drop the server's prepared statements and settings.
     if (len === 11 || len === 14) {

@@ -136,6 +136,17 @@ export const configSchema = z
       })
       .strict()
       .prefault({}),
+    trusted_sessions: z
+      .object({
+        /**
+         * When the proxy user changes or ends, reset the server connection if the last proxy left
+         * session state the SQL classifier saw (`detected`), or whenever the proxy ran any SQL
+         * (`always`: also covers state made inside server-side functions, at the cost of a reset).
+         */
+        reset_after_proxy: z.enum(['detected', 'always']).default('detected'),
+      })
+      .strict()
+      .prefault({}),
     /** On SIGTERM, wait this long for clients to finish before closing them. */
     shutdown_timeout_ms: ms.default(30_000),
   })

@@ -104,8 +104,16 @@ DECLARE
   mac text := current_setting('trustgate.identity_mac', true);
   k record;
   j jsonb;
+  -- The role the session runs as (the "role" setting survives SECURITY DEFINER).
+  current_role_name text := coalesce(nullif(current_setting('role', true), 'none'), session_user::text);
 BEGIN
   IF txt IS NULL OR txt = '' THEN
+    -- A trusted user switched to another role without trustgate's identity: someone erased it.
+    IF current_role_name <> session_user::text
+       AND EXISTS (SELECT 1 FROM trustgate.connect_rule r WHERE r.trusted_user = session_user::text AND r.revoked_at IS NULL) THEN
+      RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '${IDENTITY_FORGED_MESSAGE}',
+        DETAIL = 'The session runs as another role than trustgate set, with no identity.';
+    END IF;
     RETURN NULL;
   END IF;
   SELECT ipad_key, opad_key INTO k FROM trustgate.identity_key WHERE id = 1;
@@ -120,6 +128,10 @@ BEGIN
      OR j->>'tu' IS DISTINCT FROM session_user::text THEN
     RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '${IDENTITY_FORGED_MESSAGE}',
       DETAIL = 'The identity was issued for another backend or session user.';
+  END IF;
+  IF j->>'role' IS DISTINCT FROM current_role_name THEN
+    RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '${IDENTITY_FORGED_MESSAGE}',
+      DETAIL = 'The session runs as another role than the identity was issued for.';
   END IF;
   RETURN j;
 END

@@ -134,7 +134,8 @@ export class TrustedSession {
     const changed = this.proxyOf(this.sessionBand, this.transactionBand) !== this.proxyOf(this.sessionBand, null);
     this.transactionBand = null;
     this.transactionGrant = null;
-    this.rebuild();
+    // A refusal may have come from the transaction's proxy: decide again from the session band.
+    this.revalidate();
     return changed;
   }
 
