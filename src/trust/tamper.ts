@@ -8,12 +8,19 @@
  * that would:
  *
  * - always (any user): writing a `trustgate.*` setting (SET / SET LOCAL / RESET, `set_config`,
- *   ALTER ROLE|DATABASE|SYSTEM … SET, a function's SET clause) and any write to `pg_settings`;
+ *   ALTER ROLE|DATABASE|SYSTEM … SET, a function's SET clause), any write to `pg_settings`, and
+ *   SQL-level EXECUTE / PREPARE / DEALLOCATE of a prepared statement named `tg_…` (the gateway's own
+ *   statements on server connections, e.g. `tg_switch`, which runs `set_config('role', $1, …)`;
+ *   DEALLOCATE ALL stays allowed: the gateway notices its command tag);
  * - for a trusted user (one with CONNECT THROUGH rules), even with no proxy in force: SET ROLE,
  *   RESET ROLE, SET / RESET SESSION AUTHORIZATION, `set_config('role' | 'session_authorization')`,
  *   `set_config` with a setting name that is not a string constant, ALTER ROLE|DATABASE … SET role,
  *   function SET clauses for those, CREATE VIEW over pg_settings, dynamic SQL (EXECUTE in a DO
- *   block, `query_to_xml` and the other built-ins that run SQL text), DO blocks in other languages or that cannot be parsed, and
+ *   block or in the body of a function or procedure created in the text, `query_to_xml` and the
+ *   other built-ins that run SQL text), DO blocks and functions in languages other than `sql` and
+ *   `plpgsql` (their code can run any SQL) or that cannot be parsed, `set_config` or one of those
+ *   built-ins named as a support function in DDL (an aggregate's SFUNC, an operator's FUNCTION, a
+ *   cast's WITH FUNCTION, a trigger's EXECUTE FUNCTION, a type's INPUT, …), and
  *   settings that change how the server lexes later SQL text (`standard_conforming_strings` off,
  *   `client_encoding` set to a client-only multibyte encoding such as SJIS: with them the server
  *   would read a text differently from the parser here, which could hide a SET ROLE in what looks
@@ -24,8 +31,10 @@
  * Every statement of a multi-statement text is walked in full (CTEs, subqueries, rule actions,
  * EXPLAIN, PREPARE, COPY (query), column defaults, …). DO blocks in PL/pgSQL are parsed with the
  * PL/pgSQL parser and every embedded SQL statement and expression is checked with the same rules.
- * The bodies of functions created in the same text (LANGUAGE sql and plpgsql, and BEGIN ATOMIC)
- * are checked for the same facts, best effort (EXECUTE inside them is allowed).
+ * The bodies of functions and procedures created in the same text (LANGUAGE sql and plpgsql, and
+ * BEGIN ATOMIC) are checked for the same facts; a PL/pgSQL body is always parsed (EXECUTE needs no
+ * suspect word: `EXECUTE convert_from(decode('5345…', 'hex'), 'UTF8')`), and one the parser cannot
+ * read is unverifiable when it contains EXECUTE or a suspect word, as for DO blocks.
  *
  * A text the parser rejects yields nothing: PostgreSQL's own parser (the same grammar) rejects it
  * too and runs none of it. Failures that are not syntax errors (the parser not loaded, a tree too
@@ -40,15 +49,20 @@
  * T's rules — and SET SESSION AUTHORIZATION needs a superuser login. `trustgate.identity` carries a
  * MAC (`trustgate.identity_mac`) that SQL cannot forge, so a forged identity setting is detectable.
  * For users without CONNECT THROUGH rules only statically visible writes to trustgate's settings
- * are refused (EXECUTE in their DO blocks is allowed); the MAC covers the rest.
+ * and statically visible uses of the gateway's `tg_` statements are refused (EXECUTE in their DO
+ * blocks and function bodies is allowed); the MAC covers the rest.
  *
  * Hot path: a case-insensitive pre-check returns without parsing for text that contains none of
  * the words any of the above needs (a keyword, a function or setting name; `u&` because a Unicode
  * escaped identifier such as U&"\0073et_config" can spell any name). String constants — dollar
  * quoted, E'' with escapes — never become names or keywords in plain SQL; the only ways to run a
  * string as SQL are DO (caught by `do`), the built-ins in DYNAMIC_FUNCTIONS (caught by their names)
- * and server-side functions (outside the view, above). Findings are cached per SQL text as a small
- * set of categories (the decision depends on the session's context, the facts do not).
+ * and server-side functions (created in the text: caught by `function` / `procedure`; else outside
+ * the view, above). A prepared statement's name is an identifier (caught by `tg_` or `u&`). One
+ * place reads a string constant as a name: a support function in a DDL definition list may be
+ * given as a string (`SFUNC = E'set\137config'`), so the statements that take such lists are
+ * caught by keywords (`aggregate`, `operator`, `type`, `search`). Findings are cached per SQL text
+ * as a small set of categories (the decision depends on the session's context, the facts do not).
  */
 import { loadModule, parsePlPgSQLSync, parseSync, scanSync } from 'libpg-query';
 import { foldIdentifier } from './sql-text.js';
@@ -80,25 +94,30 @@ const Fact = {
   TrustgateSetting: 0,
   /** UPDATE / INSERT / DELETE / MERGE / COPY FROM on pg_settings. */
   PgSettingsWrite: 1,
-  /** The text could not be verified and may write trustgate's settings. */
-  UnverifiableAlways: 2,
+  /** EXECUTE / PREPARE / DEALLOCATE of a statement named tg_… (the gateway's own statements). */
+  GatewayStatement: 2,
+  /** The text could not be verified and may write trustgate's settings or use a tg_ statement. */
+  UnverifiableAlways: 3,
   /** SET ROLE, SET SESSION AUTHORIZATION, set_config('role'), ALTER ROLE … SET role, … */
-  RoleChange: 3,
-  /** set_config with a setting name that is not a string constant; a view over pg_settings. */
-  OpaqueSetConfig: 4,
-  /** EXECUTE in a DO block, query_to_xml and other built-ins that run SQL text. */
-  DynamicSql: 5,
-  /** A DO block in another language, or a piece that cannot be parsed. */
-  Unverifiable: 6,
+  RoleChange: 4,
+  /**
+   * set_config with a setting name that is not a string constant; a view over pg_settings;
+   * set_config as a support function (an aggregate's SFUNC, …).
+   */
+  OpaqueSetConfig: 5,
+  /** EXECUTE in a DO block or function body, query_to_xml and other built-ins that run SQL text. */
+  DynamicSql: 6,
+  /** A DO block or function in another language, or a piece that cannot be parsed. */
+  Unverifiable: 7,
   /** A setting that changes how the server lexes SQL text. */
-  LexerSetting: 7,
+  LexerSetting: 8,
   /** DISCARD ALL, RESET ALL. */
-  SessionReset: 8,
+  SessionReset: 9,
 } as const;
 type Fact = (typeof Fact)[keyof typeof Fact];
 
 const bit = (f: Fact): number => 1 << f;
-const ALWAYS = bit(Fact.TrustgateSetting) | bit(Fact.PgSettingsWrite) | bit(Fact.UnverifiableAlways);
+const ALWAYS = bit(Fact.TrustgateSetting) | bit(Fact.PgSettingsWrite) | bit(Fact.GatewayStatement) | bit(Fact.UnverifiableAlways);
 const TRUSTED =
   bit(Fact.RoleChange) | bit(Fact.OpaqueSetConfig) | bit(Fact.DynamicSql) | bit(Fact.Unverifiable) | bit(Fact.LexerSetting);
 const PROXY = bit(Fact.SessionReset);
@@ -117,14 +136,56 @@ const NO_FACTS: Facts = Object.freeze({ mask: 0, reasons: Object.freeze([]) });
  * Words one of which any text the rules can refuse contains (case-insensitive). Keywords cannot be
  * quoted or escaped; names can be quoted ("role" still contains the letters) or Unicode-escaped
  * (`u&`). `authorization`: SET SESSION AUTHORIZATION and session_authorization. `function`,
- * `procedure`: bodies of functions created in the text (may hide names in E'' escapes). The
- * lexer settings: standard_conforming_strings, client_encoding, SET NAMES.
+ * `procedure`: bodies of functions created in the text (may hide names in E'' escapes), their
+ * language and SUPPORT clause. The lexer settings: standard_conforming_strings, client_encoding,
+ * SET NAMES. `tg_`: the names of the gateway's prepared statements (an identifier: plain, quoted,
+ * or `u&`). `aggregate`, `operator`, `type`, `search` (TEXT SEARCH): DDL whose definition list may
+ * name a support function as a string constant, where an E'' escape can hide `set_config`; every
+ * other way to name a function in DDL spells it as an identifier (caught by the name or `u&`).
+ * `type` and `search` as whole words: a keyword is never part of a longer identifier (`search_path`
+ * is not TEXT SEARCH), and a keyword cannot be quoted, escaped or split by a comment.
  */
 const SUSPECT =
-  /role|authorization|set_config|trustgate|pg_settings|discard|reset|\bdo\b|u&|function|procedure|standard_conforming|client_encoding|\bnames\b|query_to_xml|ts_stat|ts_rewrite|crosstab|connectby|xpath_table/i;
+  /role|authorization|set_config|trustgate|pg_settings|discard|reset|\bdo\b|u&|function|procedure|standard_conforming|client_encoding|\bnames\b|query_to_xml|ts_stat|ts_rewrite|crosstab|connectby|xpath_table|tg_|aggregate|operator|\btype\b|\bsearch\b/i;
 
 /** In an unverifiable text: words without which it cannot write trustgate's settings or pg_settings. */
 const ALWAYS_SUSPECT = /trustgate|pg_settings|set_config|u&/i;
+/**
+ * In an unverifiable text: EXECUTE / PREPARE / DEALLOCATE of a tg_ statement needs one of the
+ * keywords and the name (`tg_`, or `u&`, already in ALWAYS_SUSPECT). Both are required so that a
+ * PL/pgSQL trigger function reading TG_OP is not refused for everyone just for that.
+ */
+const GATEWAY_NAME = /tg_/i;
+const GATEWAY_VERB = /execute|prepare|deallocate/i;
+
+/** Prefix of the names of the gateway's own prepared statements on server connections. */
+const GATEWAY_STATEMENT_PREFIX = 'tg_';
+
+/** Languages whose function bodies are checked here; code in any other language can run any SQL. */
+const CHECKED_LANGUAGES = new Set(['sql', 'plpgsql']);
+
+/**
+ * DDL that names support functions, and the fields that hold the names (checked for set_config and
+ * the DYNAMIC_FUNCTIONS). A definition list (`(SFUNC = …)`) may give a name as a type name, a
+ * qualified name or a string constant; every String in these fields is checked.
+ */
+const SUPPORT_FUNCTION_FIELDS: Readonly<Record<string, readonly string[]>> = {
+  DefineStmt: ['definition'], // CREATE AGGREGATE / OPERATOR / TYPE / TEXT SEARCH PARSER|TEMPLATE …
+  CreateRangeStmt: ['params'], // CREATE TYPE … AS RANGE (SUBTYPE_DIFF = …, CANONICAL = …)
+  AlterOperatorStmt: ['options'], // ALTER OPERATOR … SET (RESTRICT = …, JOIN = …)
+  AlterTypeStmt: ['options'], // ALTER TYPE … SET (SEND = …, …)
+  CreateCastStmt: ['func'],
+  CreateOpClassStmt: ['items'],
+  AlterOpFamilyStmt: ['items'],
+  CreateConversionStmt: ['func_name'],
+  CreateTransformStmt: ['fromsql', 'tosql'],
+  CreatePLangStmt: ['plhandler', 'plinline', 'plvalidator'],
+  CreateFdwStmt: ['func_options'],
+  AlterFdwStmt: ['func_options'],
+  CreateAmStmt: ['handler_name'],
+  CreateTrigStmt: ['funcname'], // not args: strings passed to the trigger function
+  CreateEventTrigStmt: ['funcname'],
+};
 
 /** Built-in and common-extension functions that run SQL text given as an argument. */
 const DYNAMIC_FUNCTIONS = new Set([
@@ -327,7 +388,7 @@ class Walker {
   /** The text cannot be verified: refused for trusted users, and for everyone if it may touch trustgate's settings. */
   unverifiable(text: string, reason: string): void {
     this.note(Fact.Unverifiable, reason);
-    if (ALWAYS_SUSPECT.test(text)) this.note(Fact.UnverifiableAlways, reason);
+    if (ALWAYS_SUSPECT.test(text) || (GATEWAY_NAME.test(text) && GATEWAY_VERB.test(text))) this.note(Fact.UnverifiableAlways, reason);
   }
 
   /**
@@ -422,9 +483,63 @@ class Walker {
         case 'CopyStmt':
           if (value.is_from === true && isPgSettings(value.relation)) this.note(Fact.PgSettingsWrite, `COPY pg_settings FROM${where}`);
           break;
+        case 'ExecuteStmt': // also EXPLAIN EXECUTE, CREATE TABLE … AS EXECUTE
+          this.gatewayStatement('EXECUTE', value.name, where);
+          break;
+        case 'PrepareStmt':
+          this.gatewayStatement('PREPARE', value.name, where);
+          break;
+        case 'DeallocateStmt': // DEALLOCATE ALL has no name
+          this.gatewayStatement('DEALLOCATE', value.name, where);
+          break;
+      }
+      if (key === 'CreateFunctionStmt' || key === 'AlterFunctionStmt') {
+        // SUPPORT support_function (CREATE: options; ALTER: actions)
+        for (const list of [value.options, value.actions]) {
+          for (const o of Array.isArray(list) ? list : []) {
+            const d = isObject(o) ? (o.DefElem as Node | undefined) : undefined;
+            if (d?.defname === 'support') this.supportFunctions(d.arg, where);
+          }
+        }
+      } else if (!(key === 'DefineStmt' && value.kind === 'OBJECT_COLLATION')) {
+        // (CREATE COLLATION's definition names no functions.)
+        const fields = Object.hasOwn(SUPPORT_FUNCTION_FIELDS, key) ? SUPPORT_FUNCTION_FIELDS[key] : undefined;
+        if (fields) for (const f of fields) this.supportFunctions(value[f], where);
       }
       this.walk(value, inner, where);
     }
+  }
+
+  /** SQL-level EXECUTE / PREPARE / DEALLOCATE: refused for the gateway's tg_ statement names. */
+  private gatewayStatement(verb: string, name: unknown, where: string): void {
+    if (typeof name !== 'string') return;
+    // The parser folded an unquoted name; a quoted "TG_X" is another name, refused all the same.
+    if (foldIdentifier(name).startsWith(GATEWAY_STATEMENT_PREFIX)) {
+      this.note(Fact.GatewayStatement, `${verb} of trustgate's statement "${name}"${where}`);
+    }
+  }
+
+  /**
+   * Names a DDL statement gives as support functions: any String in the subtree whose value (or
+   * last dotted part: a string-constant name is one identifier, but be safe) is set_config or a
+   * built-in that runs SQL text.
+   */
+  private supportFunctions(node: unknown, where: string): void {
+    if (Array.isArray(node)) {
+      for (const n of node) this.supportFunctions(n, where);
+      return;
+    }
+    if (!isObject(node)) return;
+    const str = node.String as Node | undefined;
+    if (isObject(str) && typeof str.sval === 'string') {
+      const full = foldIdentifier(str.sval);
+      const last = full.slice(full.lastIndexOf('.') + 1);
+      for (const name of new Set([full, last])) {
+        if (name === 'set_config') this.note(Fact.OpaqueSetConfig, `set_config used as a support function${where}`);
+        else if (DYNAMIC_FUNCTIONS.has(name)) this.note(Fact.DynamicSql, `${name} used as a support function${where}`);
+      }
+    }
+    for (const v of Object.values(node)) if (isObject(v)) this.supportFunctions(v, where);
   }
 
   private variableSet(v: Node, place: SetPlace, where: string): void {
@@ -523,15 +638,18 @@ class Walker {
     } catch (err) {
       if (isFatal(err)) throw err;
       // PostgreSQL may compile what this parser cannot (it resolves %ROWTYPE fields from the catalog).
-      if (SUSPECT.test(body) || /execute/i.test(body)) this.unverifiable(body, 'DO block that cannot be verified');
+      if (plSuspect(body)) this.unverifiable(body, 'DO block that cannot be verified');
       return;
     }
-    this.walkPl(tree, depth + 1, ' in DO block', true);
+    this.walkPl(tree, depth + 1, ' in DO block');
   }
 
-  /** Bodies of functions created in this text (best effort: a body that does not parse is ignored). */
+  /**
+   * Bodies of functions and procedures created in this text. PL/pgSQL bodies are always parsed:
+   * EXECUTE needs no suspect word. Other languages than sql and plpgsql are refused (trusted users).
+   */
   private functionBody(stmt: Node, statementText: () => string, depth: number): void {
-    let language = '';
+    let language: string | undefined;
     let body: string | undefined;
     for (const o of (stmt.options as Node[] | undefined) ?? []) {
       const d = o.DefElem as Node | undefined;
@@ -544,25 +662,42 @@ class Walker {
         if (items.length === 1 && first) body = String(first.sval ?? '');
       }
     }
-    if (body === undefined || !SUSPECT.test(body) || depth + 1 > MAX_NESTING) return;
-    if (language === 'sql') {
-      this.sqlText(body, depth + 1, ' in function body');
-    } else if (language === 'plpgsql') {
-      let tree: unknown;
-      try {
-        tree = parsePlPgSQLSync(statementText());
-      } catch (err) {
-        if (isFatal(err)) throw err;
-        return;
-      }
-      this.walkPl(tree, depth + 1, ' in function body', false);
+    // No LANGUAGE: BEGIN ATOMIC is sql (walked as statements); an AS body is rejected by PostgreSQL.
+    if (language === undefined) return;
+    // PostgreSQL looks the language name up as written (an unquoted one arrives folded).
+    if (!CHECKED_LANGUAGES.has(language)) {
+      this.note(Fact.Unverifiable, `${stmt.is_procedure === true ? 'procedure' : 'function'} in language "${language}"`);
+      return;
     }
+    if (body === undefined) return;
+    const where = ' in function body';
+    if (language === 'sql') {
+      if (!SUSPECT.test(body)) return;
+      if (depth + 1 > MAX_NESTING) this.unverifiable(body, `function body nested too deeply to verify`);
+      else this.sqlText(body, depth + 1, where);
+      return;
+    }
+    const suspect = plSuspect(body);
+    if (depth + 1 > MAX_NESTING) {
+      if (suspect) this.unverifiable(body, 'function body nested too deeply to verify');
+      return;
+    }
+    let tree: unknown;
+    try {
+      tree = parsePlPgSQLSync(statementText());
+    } catch (err) {
+      if (isFatal(err)) throw err;
+      // As for DO blocks: PostgreSQL may compile what this parser cannot.
+      if (suspect) this.unverifiable(body, 'function body that cannot be verified');
+      return;
+    }
+    this.walkPl(tree, depth + 1, where);
   }
 
   /** Walks a PL/pgSQL parse tree: every embedded expression and statement, and dynamic SQL. */
-  private walkPl(node: unknown, depth: number, where: string, flagDynamic: boolean): void {
+  private walkPl(node: unknown, depth: number, where: string): void {
     if (Array.isArray(node)) {
-      for (const n of node) this.walkPl(n, depth, where, flagDynamic);
+      for (const n of node) this.walkPl(n, depth, where);
       return;
     }
     if (!isObject(node)) return;
@@ -573,10 +708,10 @@ class Walker {
         continue;
       }
       // EXECUTE …, FOR … IN EXECUTE …, OPEN … FOR EXECUTE …, RETURN QUERY EXECUTE …
-      if (flagDynamic && (key === 'PLpgSQL_stmt_dynexecute' || key === 'PLpgSQL_stmt_dynfors' || key === 'dynquery')) {
+      if (key === 'PLpgSQL_stmt_dynexecute' || key === 'PLpgSQL_stmt_dynfors' || key === 'dynquery') {
         this.note(Fact.DynamicSql, `dynamic SQL (EXECUTE)${where}`);
       }
-      this.walkPl(value, depth, where, flagDynamic);
+      this.walkPl(value, depth, where);
     }
   }
 
@@ -603,6 +738,15 @@ class Walker {
       if (!this.sqlText(piece, depth + 1, where)) this.unverifiable(piece, `statement that cannot be verified${where}`);
     }
   }
+}
+
+/**
+ * Could a PL/pgSQL body the parser cannot read hide something refused? It could if it contains a
+ * suspect word or EXECUTE (dynamic SQL) / PREPARE / DEALLOCATE. `tg_` alone does not count here: in
+ * PL/pgSQL it is mostly a trigger variable (TG_OP), and a tg_ statement needs one of the keywords.
+ */
+function plSuspect(body: string): boolean {
+  return GATEWAY_VERB.test(body) || SUSPECT.test(body.replace(/tg_/gi, ''));
 }
 
 /** An argument of a call by position, or by name (named notation). */

@@ -31,6 +31,9 @@ const proxy = (sql: string, reason: Expect): Case => ({ sql, user: null, trusted
 const allowed = (sql: string): Case => ({ sql, user: null, trusted: null, proxy: null });
 
 const TG = 'writing setting "trustgate.identity"';
+const EXEC_SWITCH = `EXECUTE of trustgate's statement "tg_switch"`;
+const FN_EXECUTE = 'dynamic SQL (EXECUTE) in function body';
+const SUPPORT = 'set_config used as a support function';
 
 const CASES: Case[] = [
   // ------------------------------------------------ trustgate's own settings: refused for everyone
@@ -148,6 +151,126 @@ const CASES: Case[] = [
     "CREATE FUNCTION f(a int) RETURNS int LANGUAGE plpgsql AS $$ BEGIN PERFORM set_config('role', 'x', false); RETURN a; END $$",
     "set_config('role') in function body",
   ),
+  // ------------------------------------------------ the gateway's own prepared statements (tg_…): refused for everyone
+  always("EXECUTE tg_switch('alice', '', '', 'false')", EXEC_SWITCH),
+  always("execute TG_SWITCH('alice', current_setting('trustgate.identity'), current_setting('trustgate.identity_mac'), 'false')", EXEC_SWITCH),
+  always('EXECUTE "tg_switch"', EXEC_SWITCH),
+  always('EXECUTE "TG_X"', `EXECUTE of trustgate's statement "TG_X"`), // another name, refused to be safe
+  always('EXECUTE U&"tg\\005fswitch"', EXEC_SWITCH),
+  always('EXECUTE/**/tg_switch_m', `EXECUTE of trustgate's statement "tg_switch_m"`),
+  always('EXECUTE tg_0123456789abcdef0123456789ab(1)', `EXECUTE of trustgate's statement "tg_0123456789abcdef0123456789ab"`),
+  always('EXPLAIN EXECUTE tg_switch', EXEC_SWITCH),
+  always('EXPLAIN (ANALYZE) EXECUTE tg_switch', EXEC_SWITCH),
+  always('CREATE TABLE t AS EXECUTE tg_switch', EXEC_SWITCH),
+  always('select 1; execute tg_switch', EXEC_SWITCH),
+  always('PREPARE tg_switch(text, text, text, text) AS SELECT $1, $2, $3, $4', `PREPARE of trustgate's statement "tg_switch"`),
+  always('prepare "Tg_x" as select 1', `PREPARE of trustgate's statement "Tg_x"`),
+  always('DEALLOCATE tg_switch', `DEALLOCATE of trustgate's statement "tg_switch"`),
+  always('DEALLOCATE PREPARE tg_x', `DEALLOCATE of trustgate's statement "tg_x"`),
+  always('deallocate U&"\\0074g_x"', `DEALLOCATE of trustgate's statement "tg_x"`),
+  always('DO $$ BEGIN PREPARE tg_x AS SELECT 1; END $$', `PREPARE of trustgate's statement "tg_x" in DO block`),
+  always('DO $$ BEGIN DEALLOCATE tg_switch; END $$', `DEALLOCATE of trustgate's statement "tg_switch" in DO block`),
+  always("CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'EXECUTE tg_switch(1)'", `${EXEC_SWITCH} in function body`),
+  always("CREATE FUNCTION f() RETURNS void LANGUAGE sql AS E'DEALLOCATE tg\\137switch'", `DEALLOCATE of trustgate's statement "tg_switch" in function body`),
+  always(
+    'CREATE PROCEDURE p() LANGUAGE plpgsql AS $$ BEGIN DEALLOCATE tg_switch; END $$',
+    `DEALLOCATE of trustgate's statement "tg_switch" in function body`,
+  ),
+  allowed('EXECUTE my_stmt(1)'),
+  allowed('EXECUTE ntg_x'),
+  allowed('EXPLAIN EXECUTE p(1)'),
+  allowed('PREPARE p AS SELECT 1'),
+  allowed('PREPARE p(int) AS SELECT * FROM orders WHERE id = $1'),
+  allowed('DEALLOCATE p'),
+  allowed('DEALLOCATE PREPARE p'),
+  allowed('DEALLOCATE ALL'),
+  allowed('DEALLOCATE PREPARE ALL'),
+  allowed("SELECT 'EXECUTE tg_switch' AS tg_note"),
+  allowed('SELECT tg_col FROM tg_table'),
+  // ------------------------------------------------ functions and procedures created by a trusted user
+  trusted("CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'SET ROLE alice'; END$$", FN_EXECUTE),
+  trusted(
+    "CREATE FUNCTION pg_temp.esc_hex() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE convert_from(decode('53455420524f4c4520616c696365', 'hex'), 'UTF8'); END$$",
+    FN_EXECUTE,
+  ),
+  trusted("CREATE OR REPLACE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'select 1'; END $$", FN_EXECUTE),
+  trusted("CREATE PROCEDURE pg_temp.esc_proc() LANGUAGE plpgsql AS $$BEGIN EXECUTE 'RESET ROLE'; END$$", FN_EXECUTE),
+  trusted("CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS E'BEGIN \\105XECUTE ''select 1''; END'", FN_EXECUTE),
+  trusted("CREATE FUNCTION f() RETURNS SETOF int LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY EXECUTE 'select 1'; END $$", FN_EXECUTE),
+  trusted(
+    "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ DECLARE r record; BEGIN FOR r IN EXECUTE 'select 1' LOOP END LOOP; END $$",
+    FN_EXECUTE,
+  ),
+  trusted(
+    "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ DECLARE c refcursor; BEGIN OPEN c FOR EXECUTE 'select 1'; END $$",
+    FN_EXECUTE,
+  ),
+  // the rest of the body is still checked (a static RESET ROLE comes before the EXECUTE in precedence)
+  trusted("CREATE PROCEDURE p() LANGUAGE plpgsql AS $$BEGIN RESET ROLE; EXECUTE 'select 1'; END$$", 'RESET ROLE in function body'),
+  trusted('CREATE PROCEDURE pg_temp.p() LANGUAGE plpgsql AS $$BEGIN RESET ROLE; END$$', 'RESET ROLE in function body'),
+  trusted("CREATE PROCEDURE p() LANGUAGE sql AS 'RESET ROLE'", 'RESET ROLE in function body'),
+  trusted(
+    "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ DECLARE r mytab%ROWTYPE; BEGIN r.c := 1; EXECUTE 'select 1'; END $$",
+    'function body that cannot be verified',
+  ),
+  trusted("CREATE FUNCTION f() RETURNS int LANGUAGE plperl AS 'return 1'", 'function in language "plperl"'),
+  trusted("CREATE FUNCTION f() RETURNS int LANGUAGE plpython3u AS 'return 1'", 'function in language "plpython3u"'),
+  trusted("CREATE OR REPLACE FUNCTION f() RETURNS int AS 'return 1' LANGUAGE 'pltcl'", 'function in language "pltcl"'),
+  trusted("CREATE PROCEDURE p() LANGUAGE plperl AS $$ spi_exec_query('SET ROLE alice') $$", 'procedure in language "plperl"'),
+  trusted("CREATE FUNCTION f(text, text, bool) RETURNS text LANGUAGE internal AS 'set_config_by_name'", 'function in language "internal"'),
+  trusted("CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'mod', 'fn'", 'function in language "c"'),
+  trusted("CREATE FUNCTION f() RETURNS int LANGUAGE 'PLPGSQL' AS 'BEGIN RETURN 1; END'", 'function in language "PLPGSQL"'),
+  allowed("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'"),
+  allowed("CREATE OR REPLACE FUNCTION f(a int) RETURNS int LANGUAGE SQL IMMUTABLE AS $$ SELECT a + 1 $$"),
+  allowed('CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END'),
+  allowed("CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ BEGIN INSERT INTO t VALUES (1); RETURN 1; END $$"),
+  allowed("CREATE PROCEDURE p() LANGUAGE PLPGSQL AS $$ BEGIN UPDATE t SET role = 'x'; COMMIT; END $$"),
+  allowed(
+    "CREATE FUNCTION trg() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF TG_OP = 'INSERT' THEN NEW.updated_at := now(); END IF; RETURN NEW; END $$",
+  ),
+  allowed("CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ DECLARE r mytab%ROWTYPE; BEGIN r.c := 1; END $$"),
+  // ------------------------------------------------ set_config / dynamic-SQL built-ins as support functions: trusted users
+  trusted("CREATE AGGREGATE pg_temp.esc_agg(text, boolean) (SFUNC = pg_catalog.set_config, STYPE = text, INITCOND = 'role')", SUPPORT),
+  trusted("CREATE AGGREGATE a(text, bool) (SFUNC = set_config, STYPE = text)", SUPPORT),
+  trusted(`CREATE AGGREGATE a(text, bool) (SFUNC = "set_config", STYPE = text)`, SUPPORT),
+  trusted(`CREATE AGGREGATE a(text, bool) (SFUNC = U&"\\0073et_config", STYPE = text)`, SUPPORT),
+  trusted("CREATE AGGREGATE a(text, bool) (SFUNC = E'set\\137config', STYPE = text)", SUPPORT),
+  trusted("create aggregate a(text) (sfunc = f, stype = text, finalfunc = pg_catalog.SET_CONFIG)", SUPPORT),
+  trusted("CREATE AGGREGATE a(text) (SFUNC = f, STYPE = text, COMBINEFUNC = set_config)", SUPPORT),
+  trusted("CREATE AGGREGATE a (BASETYPE = text, SFUNC = set_config, STYPE = text)", SUPPORT),
+  trusted("CREATE OPERATOR ### (FUNCTION = set_config, LEFTARG = text, RIGHTARG = text)", SUPPORT),
+  trusted("CREATE OPERATOR ### (PROCEDURE = pg_catalog.set_config, LEFTARG = text, RIGHTARG = text)", SUPPORT),
+  trusted("CREATE OPERATOR ### (FUNCTION = E'set\\137config', LEFTARG = text, RIGHTARG = text)", SUPPORT),
+  trusted('ALTER OPERATOR + (int, int) SET (RESTRICT = set_config)', SUPPORT),
+  trusted('CREATE CAST (text AS int) WITH FUNCTION pg_catalog.set_config(text, text, bool)', SUPPORT),
+  trusted('CREATE TRIGGER t BEFORE INSERT ON x FOR EACH ROW EXECUTE FUNCTION set_config()', SUPPORT),
+  trusted('CREATE EVENT TRIGGER e ON ddl_command_start EXECUTE FUNCTION set_config()', SUPPORT),
+  trusted('CREATE TYPE t (INPUT = set_config, OUTPUT = x)', SUPPORT),
+  trusted("CREATE TYPE t (INPUT = f, OUTPUT = E'set\\137config')", SUPPORT),
+  trusted('CREATE TYPE r AS RANGE (SUBTYPE = int, SUBTYPE_DIFF = set_config)', SUPPORT),
+  trusted('ALTER TYPE t SET (SEND = set_config)', SUPPORT),
+  trusted('CREATE OPERATOR CLASS c FOR TYPE int USING btree AS FUNCTION 1 set_config(text, text, bool)', SUPPORT),
+  trusted('ALTER OPERATOR FAMILY f USING btree ADD FUNCTION 1 (int, int) set_config(text, text, bool)', SUPPORT),
+  trusted("CREATE CONVERSION c FOR 'UTF8' TO 'LATIN1' FROM set_config", SUPPORT),
+  trusted('CREATE TRANSFORM FOR int LANGUAGE plpgsql (FROM SQL WITH FUNCTION set_config(internal))', SUPPORT),
+  trusted('CREATE LANGUAGE l HANDLER set_config', SUPPORT),
+  trusted('CREATE FOREIGN DATA WRAPPER w HANDLER set_config', SUPPORT),
+  trusted('CREATE ACCESS METHOD m TYPE TABLE HANDLER set_config', SUPPORT),
+  trusted("CREATE FUNCTION f() RETURNS int LANGUAGE sql SUPPORT set_config AS 'select 1'", SUPPORT),
+  trusted('ALTER FUNCTION f() SUPPORT pg_catalog.set_config', SUPPORT),
+  trusted('CREATE TEXT SEARCH PARSER p (START = set_config, GETTOKEN = x, END = x, LEXTYPES = x)', SUPPORT),
+  trusted("CREATE AGGREGATE a(text) (SFUNC = query_to_xml, STYPE = xml)", 'query_to_xml used as a support function'),
+  trusted("CREATE AGGREGATE a(text) (SFUNC = E'ts\\137stat', STYPE = text)", 'ts_stat used as a support function'),
+  allowed('CREATE AGGREGATE a(int) (SFUNC = int4pl, STYPE = int, INITCOND = 0)'),
+  allowed("CREATE AGGREGATE a(text) (SFUNC = textcat, STYPE = text, INITCOND = 'set_config_x')"),
+  allowed('CREATE OPERATOR ### (FUNCTION = int4pl, LEFTARG = int, RIGHTARG = int)'),
+  allowed('CREATE CAST (text AS int) WITH FUNCTION my_cast(text)'),
+  allowed("CREATE TRIGGER t BEFORE INSERT ON x FOR EACH ROW EXECUTE FUNCTION audit('set_config')"),
+  allowed('CREATE TYPE t (INPUT = t_in, OUTPUT = t_out)'),
+  allowed("CREATE TYPE mood AS ENUM ('role', 'set_config')"),
+  allowed("CREATE COLLATION c (provider = icu, locale = 'und')"),
+  allowed('SELECT type FROM t WHERE search = $1'),
+  allowed('SET search_path = app'),
   // ------------------------------------------------ session resets: only while a proxy is in force
   proxy('DISCARD ALL', 'DISCARD ALL'),
   proxy('RESET ALL', 'RESET ALL'),
@@ -183,7 +306,6 @@ const CASES: Case[] = [
   allowed("SET client_encoding = 'UTF8'"),
   allowed("SET NAMES 'LATIN1'"),
   allowed('SET client_encoding TO DEFAULT'),
-  allowed("CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'select 1'; END $$"),
   allowed("select ts_rewrite('a'::tsquery, 'a'::tsquery, 'b'::tsquery)"),
   allowed('set role'), // does not parse: PostgreSQL rejects it as well
   allowed("SELECT set_config('role', 'x', false"), // likewise
@@ -217,12 +339,50 @@ describe('findIdentityTamper', () => {
 
   it('skips the parser for text that cannot match', () => {
     const before = { ...tamperStats };
-    for (const sql of ['SELECT * FROM orders WHERE id = $1', 'INSERT INTO t (a, b) VALUES ($1, $2)', 'BEGIN', 'COMMIT']) {
+    const plain = [
+      'SELECT * FROM orders WHERE id = $1',
+      'INSERT INTO t (a, b) VALUES ($1, $2)',
+      'BEGIN',
+      'COMMIT',
+      'SELECT typename, research FROM t',
+      'DEALLOCATE ALL',
+      'EXECUTE my_stmt(1)',
+    ];
+    for (const sql of plain) {
       assert.equal(findIdentityTamper(sql, PROXY), null);
     }
-    assert.equal(tamperStats.skipped - before.skipped, 4);
+    assert.equal(tamperStats.skipped - before.skipped, plain.length);
     assert.equal(tamperStats.parsed - before.parsed, 0);
     assert.equal(tamperStats.cacheHits - before.cacheHits, 0);
+  });
+
+  it('never skips the parser for texts the new rules refuse (keywords, quoted and U& names, E\'\' strings, comments)', () => {
+    // Each of these is refused when parsed; the pre-check must not let any of them through.
+    const texts = [
+      'EXECUTE tg_switch',
+      'EXECUTE "TG_SWITCH"',
+      'EXECUTE U&"\\0074\\0067\\005fswitch"',
+      'EXECUTE U&"!0074!0067!005fswitch" UESCAPE \'!\'',
+      'PREPARE/**/tg_x AS SELECT 1',
+      'DEALLOCATE -- c\n tg_x',
+      "CREATE AGGREGATE a(text, bool) (SFUNC = E'set\\137config', STYPE = text)",
+      "CREATE/**/AGGREGATE a(text, bool) (SFUNC = E'\\163et_config', STYPE = text)",
+      "CREATE OPERATOR ### (FUNCTION = E'set\\137config', LEFTARG = text, RIGHTARG = text)",
+      "ALTER OPERATOR + (int, int) SET (RESTRICT = E'set\\137config')",
+      "CREATE TYPE t (INPUT = f, OUTPUT = E'set\\137config')",
+      "CREATE/**/TYPE r AS RANGE (SUBTYPE = int, SUBTYPE_DIFF = E'set\\137config')",
+      "ALTER TYPE t SET (SEND = E'set\\137config')",
+      "CREATE TEXT SEARCH PARSER p (START = E'set\\137config', GETTOKEN = x, END = x, LEXTYPES = x)",
+      "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE convert_from(decode('53', 'hex'), 'UTF8'); END$$",
+      "CREATE PROCEDURE p() LANGUAGE plperl AS $$ 1 $$",
+    ];
+    for (const sql of texts) {
+      clearTamperCache();
+      const before = { ...tamperStats };
+      assert.notEqual(findIdentityTamper(sql, TRUSTED), null, sql);
+      assert.equal(tamperStats.skipped - before.skipped, 0, sql);
+      assert.equal(tamperStats.parsed - before.parsed, 1, sql);
+    }
   });
 
   it('parses each suspect text once and decides per context from the cached facts', () => {
