@@ -99,6 +99,10 @@ const CLEANUP_MARK = Buffer.alloc(0);
  */
 const SWITCH_SYNC_MARK = Buffer.alloc(0);
 const NO_TOKEN = ['', ''] as const;
+/** Marks a refusal raised through the server: its error loses the DO block's CONTEXT line. */
+const REFUSAL_MARK = Buffer.alloc(0);
+/** Marks the Sync closing a SET QUERY_BAND whose ProxyRole PostgreSQL had to confirm. */
+const BAND_CHECK_MARK = Buffer.alloc(0);
 /** Marks the Parse and Bind of the gateway's switch statement (their failure means tampering). */
 const GATEWAY_STATEMENT_MARK = Buffer.alloc(0);
 /** ParameterDescription with no parameters. */
@@ -166,6 +170,9 @@ export class ClientSession implements PoolWaiter {
   private bandLedSwitchDone = false;
   /** The held simple query's switch failed: drop it (its error and ReadyForQuery were sent). */
   private dropHeldRequest = false;
+  private waitingForRules = false;
+  /** The trusted-session state before a SET QUERY_BAND awaiting PostgreSQL's ProxyRole check. */
+  private bandSnapshot: object | null = null;
   private authReceive: ((m: { type: number; buf: Buffer; start: number; end: number }) => void) | null = null;
   private authQueue: { type: number; buf: Buffer; start: number; end: number }[] = [];
   stats = { queries: 0, bytesIn: 0, bytesOut: 0 };
@@ -714,6 +721,7 @@ export class ClientSession implements PoolWaiter {
     }
     const status = this.server?.txStatus ?? TxStatus.Idle;
     const tx: TxState = status === TxStatus.Failed ? 'failed' : status !== TxStatus.Idle ? 'in-transaction' : rest !== '' ? 'request' : 'idle';
+    const before = this.trust!.snapshot();
     try {
       if (this.trust!.setQueryBand(stmt, trusted, tx, this.proxyStateDirty)) {
         // A new end user: what the last one left in the session goes first.
@@ -730,7 +738,21 @@ export class ClientSession implements PoolWaiter {
       const tampered = this.tamperReason(rest);
       return tampered ? this.refuse(tampered, true) : this.sendBandLed(statement, rest);
     }
-    if (simple) {
+    const grant = this.trust!.identity().grant;
+    if (simple && grant?.memberCheck && this.server) {
+      // Only PostgreSQL knows whether the proxy user may SET that role: switch now, so a refusal
+      // answers this statement and the band is put back (Teradata checks ProxyRole at SET time).
+      const server = this.server;
+      if (this.needsCleanup) this.cleanup(server);
+      const local = stmt.scope === 'transaction';
+      this.emitSwitch(server, this.trust!.identity(), local);
+      server.identityKey = this.trust!.identity().key;
+      if (!local) server.sessionIdentityKey = server.identityKey;
+      this.bandSnapshot = before;
+      this.synthetic(commandComplete('SET'));
+      this.sendMessage(syncMessage(), Expect.Sync, ReplyAction.Forward, null, BAND_CHECK_MARK);
+      this.pendingSyncs++;
+    } else if (simple) {
       this.toClient.message(commandComplete('SET'));
       this.toClient.message(readyForQuery(status));
     } else {
@@ -777,6 +799,12 @@ export class ClientSession implements PoolWaiter {
     const refusal = trust.refused;
     if (refusal) return this.refuse(refusal, simple);
     const want = trust.identity();
+    // Tokens signed with a rotated identity key no longer verify: switch again.
+    if (server.identityTokensFor !== this.rules!.key && server.identityTokens.size > 0) {
+      forgetIdentity(server);
+      server.identityTokens.clear();
+      server.identityTokensFor = this.rules!.key;
+    }
     if (server.identityKey === want.key) return Outcome.Forward;
     if (want.transactionBand !== null) {
       const base = trust.identityOutsideTransaction();
@@ -883,7 +911,7 @@ export class ClientSession implements PoolWaiter {
     }
     const sql = raiseSql(err);
     if (simple) {
-      this.sendMessage(queryMessage(sql), Expect.Query, ReplyAction.Forward);
+      this.sendMessage(queryMessage(sql), Expect.Query, ReplyAction.Forward, null, REFUSAL_MARK);
       this.pendingSyncs++;
       return Outcome.Done;
     }
@@ -891,7 +919,7 @@ export class ClientSession implements PoolWaiter {
     this.sendMessage(parseMessage('', sql), Expect.Parse, ReplyAction.Swallow);
     this.toServer.message(bindExecuteMessages('', []));
     this.replies.push(Expect.Bind, ReplyAction.Swallow, null, null);
-    this.replies.push(Expect.Execute, ReplyAction.Forward, null, null);
+    this.replies.push(Expect.Execute, ReplyAction.Forward, REFUSAL_MARK, null);
     return Outcome.Done;
   }
 
@@ -911,7 +939,10 @@ export class ClientSession implements PoolWaiter {
     }
     this.holding = true;
     this.queueBacklog(buf, start, end);
+    if (this.waitingForRules) return Outcome.Done;
+    this.waitingForRules = true;
     this.rules!.whenReady((err) => {
+      this.waitingForRules = false;
       if (this.phase === Phase.Closed) return;
       this.rulesUnavailable = err;
       this.holding = false;
@@ -925,6 +956,12 @@ export class ClientSession implements PoolWaiter {
     const sql = decodeQuery(buf, start, end);
     const text = splitTrustedMarking(sql)?.rest ?? sql;
     if (!isQueryBandStatement(text) || splitQueryBandRequest(text).rest !== '') return false;
+    // A named ProxyRole may need PostgreSQL's confirmation (see setQueryBand): that needs a server.
+    try {
+      if (parseSetQueryBand(text).band?.proxyRole?.kind === 'role') return false;
+    } catch {
+      // Malformed: answered (refused) right here.
+    }
     this.stats.queries++;
     this.inspectRequest(sql, true, buf, start, end);
     if (!this.toClient.empty) this.toClient.flush(this.socket);
@@ -1078,8 +1115,9 @@ export class ClientSession implements PoolWaiter {
       return;
     }
     if (!this.toClient.empty && !this.toClient.flush(this.socket)) this.waitForClientDrain(server);
-    if (this.holding && this.replies.empty && this.rules?.ready !== false) {
-      // Replies have drained: held requests (after SET QUERY_BAND) go on, on this server.
+    if (this.holding && this.replies.empty) {
+      // Replies have drained: held requests go on, on this server (one that needs rules that are
+      // being reloaded holds again until they are).
       this.holding = false;
       this.processBacklog();
     }
@@ -1117,7 +1155,10 @@ export class ClientSession implements PoolWaiter {
       case Backend.ErrorResponse: {
         // A failed statement rolls its transaction back, and with it a switch made in it.
         if (server.identityKey !== '' || server.sessionIdentityKey !== '') forgetIdentity(server);
-        if (kind === Expect.Query || kind === Expect.Sync) {
+        if (this.replies.headPayload === REFUSAL_MARK) {
+          this.toClient.message(withoutContext(buf, start, end));
+          if (kind === Expect.Query) return;
+        } else if (kind === Expect.Query || kind === Expect.Sync) {
           if (action === ReplyAction.BandLed) this.toClient.message(this.bandLedError(buf, start, end));
           else if (action !== ReplyAction.Swallow) this.toClient.range(buf, start, end);
           else if (this.replies.headPayload === CLEANUP_MARK) this.cleanupFailed(decodeError(buf, start, end).message);
@@ -1126,7 +1167,7 @@ export class ClientSession implements PoolWaiter {
         }
         // An extended-protocol request failed: the server skips everything up to Sync, simple
         // queries included (one sent behind an identity switch is answered by the closing Sync).
-        this.toClient.range(buf, start, end);
+        if (this.replies.headPayload !== REFUSAL_MARK) this.toClient.range(buf, start, end);
         if (this.replies.headPayload === GATEWAY_STATEMENT_MARK && (kind === Expect.Parse || decodeError(buf, start, end).code === '26000')) {
           // Our switch statement was taken or dropped behind our back: the connection cannot be trusted.
           this.log.error({ server: server.id, err: decodeError(buf, start, end).message }, "the gateway's switch statement was tampered with; closing the server connection");
@@ -1143,6 +1184,11 @@ export class ClientSession implements PoolWaiter {
           }
           this.undoHead();
           this.replies.advance();
+        }
+        if (!this.replies.empty && this.replies.headPayload === BAND_CHECK_MARK && this.bandSnapshot) {
+          // PostgreSQL refused the ProxyRole: the band goes back to what it was.
+          this.trust?.restore(this.bandSnapshot);
+          this.bandSnapshot = null;
         }
         if (!this.replies.empty && (skippedQuery || this.replies.headPayload === SWITCH_SYNC_MARK)) {
           // The request behind the failed switch is answered by this Sync's ReadyForQuery.
@@ -1451,6 +1497,13 @@ function noop(): void {}
 
 /** Client-only encodings whose multibyte characters can contain ASCII bytes such as a quote. */
 const UNSAFE_ENCODINGS = new Set(['SJIS', 'SHIFT_JIS_2004', 'BIG5', 'GBK', 'UHC', 'GB18030', 'JOHAB']);
+
+/** A refusal raised by the gateway's DO block, without the CONTEXT line naming that block. */
+function withoutContext(buf: Buffer, start: number, end: number): Buffer {
+  const fields = decodeNoticeFields(buf, start, end);
+  fields.delete('W');
+  return encodeNoticeFields(Backend.ErrorResponse, fields);
+}
 
 function codePoints(text: string): number {
   let n = 0;

@@ -37,6 +37,8 @@ export interface InstallOptions {
   authRolePassword?: string;
 }
 
+export const MIN_TRUSTED_SESSIONS_VERSION = 160000;
+
 /** Runs the install as a superuser (idempotent): the auth function, then the trusted-sessions catalog. */
 export async function installAuthFunction(o: InstallOptions, log: Logger): Promise<void> {
   const conn = await ServerConnection.connect(o.endpoint, o.database, o.superuser, { password: o.superuserPassword }, new Map(), log);
@@ -49,6 +51,12 @@ export async function installAuthFunction(o: InstallOptions, log: Logger): Promi
       );
     }
     await conn.internalQuery(authFunctionSql(o.authRole));
+    // Trusted sessions map rules onto role memberships WITH SET TRUE, INHERIT FALSE (PostgreSQL 16+).
+    const version = Number((await conn.internalQuery('SHOW server_version_num')).rows[0]?.[0] ?? 0);
+    if (version < MIN_TRUSTED_SESSIONS_VERSION) {
+      log.warn({ database: o.database, serverVersion: version }, 'trusted sessions need PostgreSQL 16 or newer: the trustgate catalog was not installed (pooling and the auth function work)');
+      return;
+    }
     await conn.internalQuery(trustCatalogSql(o.authRole), undefined, 30_000);
   } finally {
     conn.terminate();

@@ -169,8 +169,12 @@ export class RulesStore implements RulesSource {
     }));
     this.rules = buildRuleSet(rows);
     const hex = keyResult.rows[0]?.[0];
-    this.identityKey = hex ? Buffer.from(hex, 'hex') : null;
-    this.trustKeys.clear();
+    const key = hex ? Buffer.from(hex, 'hex') : null;
+    // The same object while the key is unchanged: sessions compare keys by reference.
+    if (key === null || this.identityKey === null || !key.equals(this.identityKey)) {
+      this.identityKey = key;
+      this.trustKeys.clear();
+    }
     this.notInstalled = false;
     this.log.debug({ db: this.dbname, trustedUsers: this.rules.size }, 'CONNECT THROUGH rules loaded');
   }

@@ -139,6 +139,15 @@ export class TrustedSession {
     return changed;
   }
 
+  /** The whole state, to put back if PostgreSQL refuses a switch the rules allowed (see restore). */
+  snapshot(): object {
+    return { ...this };
+  }
+
+  restore(snapshot: object): void {
+    Object.assign(this, snapshot);
+  }
+
   /** Rules changed: the proxy in force must still be allowed, on the very next request. */
   private revalidate(): void {
     this.rulesVersion = this.rules.version;
