@@ -4,43 +4,14 @@
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { startStack, USERS, type Stack } from './helpers/stack.js';
-import { interruptPsqlSleep } from './helpers/psql.js';
+import { interruptPsqlSleep, run } from './helpers/psql.js';
 
 const MODES = ['transaction', 'session'] as const;
 
-interface RunResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs a program with a hard timeout; never rejects for a non-zero exit. */
-function run(cmd: string, args: string[], env: Record<string, string>, timeoutMs: number): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    execFile(
-      cmd,
-      args,
-      { env: { ...process.env, PGCONNECT_TIMEOUT: '5', ...env }, timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 16 * 1024 * 1024 },
-      (err, stdout, stderr) => {
-        if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') {
-          reject(err);
-          return;
-        }
-        if (err && err.killed) {
-          reject(new Error(`${cmd} timed out after ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
-          return;
-        }
-        const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0;
-        resolve({ code, stdout: String(stdout), stderr: String(stderr) });
-      },
-    );
-  });
-}
 
 for (const mode of MODES) {
   describe(`psql and pgbench through the gateway (${mode} mode)`, () => {

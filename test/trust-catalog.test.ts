@@ -7,31 +7,14 @@ import assert from 'node:assert/strict';
 import { createHash, createHmac } from 'node:crypto';
 import pgLib from 'pg';
 import { startPostgres, type EmbeddedPostgres } from './helpers/postgres.js';
-import { installAuthFunction } from '../src/server/install.js';
-import { createLogger } from '../src/log/logger.js';
+import { AUTH_PASSWORD, AUTH_ROLE, installTrustgate } from './helpers/stack.js';
 import type { ConnectThroughStatement } from '../src/trust/connect-through.js';
 
-// Same auth role as test/helpers/stack.ts; not imported from there so that this test does not load
-// the gateway.
-const AUTH_ROLE = 'trustgate_auth';
-const AUTH_PASSWORD = 'auth-secret-for-tests';
 const PW = 'pw';
 let pg: EmbeddedPostgres;
 
-/** What `trustgate init` and test/helpers/stack.ts run: the auth function and the catalog. */
-function install(): Promise<void> {
-  return installAuthFunction(
-    {
-      endpoint: { host: pg.host, port: pg.port, tls: { mode: 'disable' }, connectTimeoutMs: 5000 },
-      database: 'postgres',
-      superuser: pg.superuser,
-      superuserPassword: pg.superuserPassword,
-      authRole: AUTH_ROLE,
-      authRolePassword: AUTH_PASSWORD,
-    },
-    createLogger('silent'),
-  );
-}
+/** What `trustgate init` runs (the same as test/helpers/stack.ts). */
+const install = (): Promise<void> => installTrustgate(pg);
 
 before(async () => {
   pg = await startPostgres();

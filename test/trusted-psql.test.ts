@@ -6,47 +6,19 @@
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { preparePostgres, startGateway, stackOf, type Stack } from './helpers/stack.js';
 import { setupTrustWorld, STORY_GRANTS, TRUST_USERS } from './helpers/trust.js';
+import { run } from './helpers/psql.js';
 
 const MODES = ['transaction', 'session'] as const;
 
 /** The union role trustgate creates for bob_from_web's rule (WITH ROLE web_reader, web_writer). */
 const BOB_UNION = `tg_union_${createHash('sha256').update('web_reader,web_writer').digest('hex').slice(0, 16)}`;
 
-interface RunResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs a program with a hard timeout; never rejects for a non-zero exit. */
-function run(cmd: string, args: string[], env: Record<string, string>, timeoutMs: number): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    execFile(
-      cmd,
-      args,
-      { env: { ...process.env, PGCONNECT_TIMEOUT: '5', ...env }, timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 16 * 1024 * 1024 },
-      (err, stdout, stderr) => {
-        if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') {
-          reject(err);
-          return;
-        }
-        if (err && err.killed) {
-          reject(new Error(`${cmd} timed out after ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
-          return;
-        }
-        const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0;
-        resolve({ code, stdout: String(stdout), stderr: String(stderr) });
-      },
-    );
-  });
-}
 
 const lines = (text: string): string[] => text.trim().split('\n');
 

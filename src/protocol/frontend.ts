@@ -160,16 +160,7 @@ export function decodePassword(buf: Buffer, start: number, end: number): string 
 export function parseMessageForInternalQuery(sql: string, params: (string | null)[]): Buffer {
   const w = new MessageWriter(128 + sql.length);
   w.begin(Frontend.Parse).cstring('').cstring(sql).int16(0).end();
-  w.begin(Frontend.Bind).cstring('').cstring('').int16(0).int16(params.length);
-  for (const p of params) {
-    if (p === null) w.int32(-1);
-    else {
-      const b = Buffer.from(p);
-      w.int32(b.length).bytes(b);
-    }
-  }
-  w.int16(0).end();
-  w.begin(Frontend.Execute).cstring('').int32(0).end();
+  writeBindExecute(w, '', params);
   w.begin(Frontend.Sync).end();
   return w.toBuffer();
 }
@@ -182,6 +173,11 @@ export function parseMessage(name: string, sql: string): Buffer {
 /** Bind of the unnamed portal to a statement, text parameters, text results; then Execute it. */
 export function bindExecuteMessages(statement: string, params: (string | null)[]): Buffer {
   const w = new MessageWriter(64 + statement.length + params.reduce((n, p) => n + (p?.length ?? 0) * 3 + 4, 0));
+  writeBindExecute(w, statement, params);
+  return w.toBuffer();
+}
+
+function writeBindExecute(w: MessageWriter, statement: string, params: (string | null)[]): void {
   w.begin(Frontend.Bind).cstring('').cstring(statement).int16(0).int16(params.length);
   for (const p of params) {
     if (p === null) w.int32(-1);
@@ -192,5 +188,4 @@ export function bindExecuteMessages(statement: string, params: (string | null)[]
   }
   w.int16(0).end();
   w.begin(Frontend.Execute).cstring('').int32(0).end();
-  return w.toBuffer();
 }

@@ -1,5 +1,5 @@
 /** psql driven like a person at a terminal: start a long query, then press Ctrl-C. */
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import type { EmbeddedPostgres } from './postgres.js';
 
 /**
@@ -32,4 +32,33 @@ export async function interruptPsqlSleep(
   } finally {
     clearTimeout(killer);
   }
+}
+
+export interface RunResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a program (psql, pgbench) with a hard timeout; never rejects for a non-zero exit. */
+export function run(cmd: string, args: string[], env: Record<string, string>, timeoutMs: number): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    execFile(
+      cmd,
+      args,
+      { env: { ...process.env, PGCONNECT_TIMEOUT: '5', ...env }, timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 16 * 1024 * 1024 },
+      (err, stdout, stderr) => {
+        if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') {
+          reject(err);
+          return;
+        }
+        if (err && err.killed) {
+          reject(new Error(`${cmd} timed out after ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
+          return;
+        }
+        const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0;
+        resolve({ code, stdout: String(stdout), stderr: String(stderr) });
+      },
+    );
+  });
 }

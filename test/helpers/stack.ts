@@ -33,7 +33,13 @@ export async function preparePostgres(options?: EmbeddedPostgresOptions): Promis
   const pg = await startPostgres({ settings: { max_connections: 300 }, ...options });
   for (const [u, pw] of Object.entries(USERS)) await pg.query(`CREATE ROLE ${u} LOGIN PASSWORD '${pw}'`);
   await pg.query('GRANT CREATE ON SCHEMA public TO app, alice, bob');
-  await installAuthFunction(
+  await installTrustgate(pg);
+  return pg;
+}
+
+/** What `trustgate init` runs: the auth function, the auth role, the trusted-sessions catalog. */
+export function installTrustgate(pg: EmbeddedPostgres): Promise<void> {
+  return installAuthFunction(
     {
       endpoint: { host: pg.host, port: pg.port, tls: { mode: 'disable' }, connectTimeoutMs: 5000 },
       database: 'postgres',
@@ -44,7 +50,6 @@ export async function preparePostgres(options?: EmbeddedPostgresOptions): Promis
     },
     createLogger('silent'),
   );
-  return pg;
 }
 
 export async function startGateway(pg: EmbeddedPostgres, config: Record<string, unknown> = {}): Promise<{ gw: Gateway; logs: Record<string, unknown>[] }> {
