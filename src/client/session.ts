@@ -806,6 +806,8 @@ export class ClientSession implements PoolWaiter {
       server.identityTokensFor = this.rules!.key;
     }
     if (server.identityKey === want.key) return Outcome.Forward;
+    // Known to be inside a transaction block only when nothing is in flight and the server said so.
+    const maybeOutsideBlock = server.txStatus === TxStatus.Idle || !this.replies.empty;
     if (want.transactionBand !== null) {
       const base = trust.identityOutsideTransaction();
       if (server.sessionIdentityKey !== base.key) {
@@ -818,7 +820,7 @@ export class ClientSession implements PoolWaiter {
       server.sessionIdentityKey = want.key;
     }
     server.identityKey = want.key;
-    if (simple && (server.txStatus === TxStatus.Idle || !this.replies.empty)) {
+    if (simple && maybeOutsideBlock) {
       // Maybe outside a transaction block: the switch gets its own Sync and the query waits for it.
       this.sendMessage(syncMessage(), Expect.Sync, ReplyAction.Swallow, null, SWITCH_SYNC_MARK);
       this.pendingSyncs++;
