@@ -648,11 +648,15 @@ export class ClientSession implements PoolWaiter {
         sql = marking.rest;
       }
     }
-    if (isQueryBandStatement(sql)) {
+    // Cheap gate: trustgate's own statements start with S (SET …), G or R (GRANT/REVOKE), or a comment.
+    const first = firstSignificantChar(sql);
+    if ((first === 's' || first === 'S' || first === '/' || first === '-') && isQueryBandStatement(sql)) {
       if (named) return this.refuse(new PgError(SqlState.FeatureNotSupported, 'SET QUERY_BAND cannot be prepared as a named statement'), false);
       return this.setQueryBand(sql, trusted, simple, buf, start, end);
     }
-    if (isConnectThroughStatement(sql)) return this.connectThrough(sql, simple);
+    if ((first === 'g' || first === 'G' || first === 'r' || first === 'R' || first === '/' || first === '-') && isConnectThroughStatement(sql)) {
+      return this.connectThrough(sql, simple);
+    }
     // A named statement may run later under a proxy: check it as if one were in force.
     const tampered = this.tamperReason(sql, named);
     return tampered ? this.refuse(tampered, simple) : Outcome.Forward;
@@ -1505,6 +1509,15 @@ function withoutContext(buf: Buffer, start: number, end: number): Buffer {
   const fields = decodeNoticeFields(buf, start, end);
   fields.delete('W');
   return encodeNoticeFields(Backend.ErrorResponse, fields);
+}
+
+/** The first character that is not whitespace ('' for none). */
+function firstSignificantChar(sql: string): string {
+  for (let i = 0; i < sql.length; i++) {
+    const c = sql.charCodeAt(i);
+    if (c !== 0x20 && c !== 0x0a && c !== 0x09 && c !== 0x0d) return sql[i];
+  }
+  return '';
 }
 
 function codePoints(text: string): number {
