@@ -1,7 +1,8 @@
 /**
  * Benchmark launcher: runs one trustgate gateway in its own process so that its CPU time is its
- * own. bench/run.ts transpiles this file to plain JavaScript and runs it with `node`, importing
- * the compiled gateway from dist/ (set in TRUSTGATE_GATEWAY_MODULE), so tsx is not on the hot path.
+ * own. The benchmark scripts (prepareLauncher in bench/common.ts) transpile this file to plain
+ * JavaScript and run it with `node`, importing the compiled gateway from dist/ (set in
+ * TRUSTGATE_GATEWAY_MODULE), so tsx is not on the hot path.
  *
  * Input: the gateway config as JSON in TRUSTGATE_BENCH_CONFIG (or argv[2]).
  * Output: one JSON line `{"port":…,"pid":…}` on stdout once listening.

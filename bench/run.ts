@@ -11,30 +11,32 @@
  * PgBouncer with apt-get when missing (root only). Every wait is bounded; all processes and temp
  * dirs are cleaned up at the end, on error and on SIGINT/SIGTERM.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
-import { fileURLToPath, pathToFileURL } from 'node:url';
-import ts from 'typescript';
-import { EmbeddedPostgres, findFreePort } from '../src/embedded/postgres.js';
-import { installAuthFunction } from '../src/server/install.js';
+import { findFreePort, type EmbeddedPostgres } from '../src/embedded/postgres.js';
 import { ServerConnection } from '../src/server/server-connection.js';
 import { parseScramVerifier, scramKeysForPassword } from '../src/auth/scram.js';
 import { createLogger } from '../src/log/logger.js';
 import { summarizeProfile, formatProfileSummary } from './profile.js';
+import {
+  ROOT, log, fmtInt, commandLineFlags, runBenchmark, armWatchdog, requireTools, makeTempDir, versionOf, describeMachine,
+  run, sleep, exited, killChild, tailKeeper, spawnWithMaxOpenFiles,
+  POSTGRES_SETTINGS, startPostgres, installAuthQuery,
+  prepareLauncher, launchKind, startGatewayChild, gatewayConfig, type GatewayChild, type ListeningChild, type SharedOptions,
+  runPgbench, pgbenchTarget, pgbenchEnv, pgbenchFailure, type PgbenchSummary,
+} from './common.js';
 
 // ------------------------------------------------------------------ options
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const TARGETS = ['direct', 'trustgate', 'pgbouncer'] as const;
 type Target = (typeof TARGETS)[number];
 const PROTOCOLS = ['simple', 'extended', 'prepared'] as const;
 type Protocol = (typeof PROTOCOLS)[number];
 
-interface Options {
+interface Options extends SharedOptions {
   duration: number;
   clients: number[];
   protocols: Protocol[];
@@ -47,8 +49,6 @@ interface Options {
   profileClients: number;
   profileProtocol: Protocol;
   warmup: number;
-  build: boolean;
-  out: string;
 }
 
 const USAGE = `usage: npm run bench -- [options]
@@ -96,15 +96,7 @@ function parseOptions(argv: string[]): Options {
       if (!allowed.includes(x)) throw new Error(`${flag}: "${s}" is not one of ${allowed.join(', ')}`);
       return x;
     });
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const [flag, inline] = a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
-    const value = () => {
-      if (inline !== undefined) return inline;
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${flag} needs a value`);
-      return v;
-    };
+  for (const { flag, value, unknown } of commandLineFlags(argv, USAGE, o)) {
     switch (flag) {
       case '--duration':
         o.duration = ints(value(), flag)[0];
@@ -145,19 +137,8 @@ function parseOptions(argv: string[]): Options {
       case '--profile-protocol':
         o.profileProtocol = oneOf(value(), PROTOCOLS, flag)[0];
         break;
-      case '--no-build':
-        o.build = false;
-        break;
-      case '--out':
-        o.out = path.resolve(value());
-        break;
-      case '-h':
-      case '--help':
-        console.log(USAGE);
-        process.exit(0);
-        break;
       default:
-        throw new Error(`unknown option ${a}\n${USAGE}`);
+        throw unknown();
     }
   }
   if (o.duration > 600) throw new Error('--duration: at most 600 s per cell');
@@ -166,72 +147,6 @@ function parseOptions(argv: string[]): Options {
 }
 
 // ------------------------------------------------------------------ process plumbing
-
-const t0 = Date.now();
-function log(msg: string): void {
-  const s = ((Date.now() - t0) / 1000).toFixed(1).padStart(6);
-  process.stderr.write(`[bench ${s}s] ${msg}\n`);
-}
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-interface RunResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  timedOut: boolean;
-}
-
-const children = new Set<ChildProcess>();
-
-function track(cp: ChildProcess): ChildProcess {
-  children.add(cp);
-  cp.once('exit', () => children.delete(cp));
-  return cp;
-}
-
-/** Runs a command to completion, killing it after `timeoutMs`. */
-function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs: number; cwd?: string }): Promise<RunResult> {
-  return new Promise((resolve) => {
-    const cp = track(spawn(cmd, args, { env: opts.env ?? process.env, cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] }));
-    let stdout = '';
-    let stderr = '';
-    let timedOut = false;
-    const cap = (s: string, add: string) => (s.length > 1_000_000 ? s : s + add);
-    cp.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout = cap(stdout, d)));
-    cp.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = cap(stderr, d)));
-    const timer = setTimeout(() => {
-      timedOut = true;
-      cp.kill('SIGTERM');
-      setTimeout(() => cp.kill('SIGKILL'), 3000).unref();
-    }, opts.timeoutMs);
-    cp.once('error', (err) => {
-      clearTimeout(timer);
-      resolve({ code: -1, signal: null, stdout, stderr: stderr + String(err), timedOut });
-    });
-    cp.once('close', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr, timedOut });
-    });
-  });
-}
-
-function exited(cp: ChildProcess): boolean {
-  return cp.exitCode !== null || cp.signalCode !== null;
-}
-
-/** SIGTERM, then SIGKILL after `graceMs`; resolves when the process is gone (bounded). */
-async function killChild(cp: ChildProcess, graceMs = 5000): Promise<void> {
-  if (exited(cp)) return;
-  const gone = new Promise<void>((r) => cp.once('exit', () => r()));
-  cp.kill('SIGTERM');
-  const t = await Promise.race([gone.then(() => true), sleep(graceMs).then(() => false)]);
-  if (!t && !exited(cp)) {
-    cp.kill('SIGKILL');
-    await Promise.race([gone, sleep(2000)]);
-  }
-}
 
 function tcpProbe(port: number, timeoutMs = 500): Promise<boolean> {
   return new Promise((resolve) => {
@@ -263,88 +178,11 @@ function rssKiB(pid: number): number {
   return Number(m[1]);
 }
 
-/**
- * CPU accounting, to tell how much of the machine something outside this benchmark used during a
- * cell (other jobs on a shared box make numbers noisy). Our share is the CPU of this process and
- * all its live descendants plus what they reaped (cutime/cstime), so exited backends count too.
- */
-interface CpuSnapshot {
-  busy: number;
-  ours: number;
-  at: number;
-}
-const CLK_TCK = 100;
-
-function cpuSnapshot(): CpuSnapshot {
-  const line = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0];
-  const f = line.trim().split(/\s+/).slice(1).map(Number);
-  // user nice system idle iowait irq softirq steal
-  const busy = f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] ?? 0);
-  const stats = new Map<number, { ppid: number; cpu: number }>();
-  for (const d of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const st = fs.readFileSync(`/proc/${d}/stat`, 'utf8');
-      const x = st.slice(st.lastIndexOf(')') + 2).split(' ');
-      stats.set(Number(d), { ppid: Number(x[1]), cpu: Number(x[11]) + Number(x[12]) + Number(x[13]) + Number(x[14]) });
-    } catch {
-      /* gone */
-    }
-  }
-  const kids = new Map<number, number[]>();
-  for (const [pid, s] of stats) {
-    const k = kids.get(s.ppid);
-    if (k) k.push(pid);
-    else kids.set(s.ppid, [pid]);
-  }
-  let ours = 0;
-  const stack = [process.pid];
-  for (let n = 0; stack.length && n < 100_000; n++) {
-    const pid = stack.pop()!;
-    ours += stats.get(pid)?.cpu ?? 0;
-    for (const c of kids.get(pid) ?? []) stack.push(c);
-  }
-  return { busy, ours, at: Date.now() };
-}
-
-/** utime + stime of one process, in clock ticks. */
-function processCpuTicks(pid: number): number {
-  try {
-    const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const x = st.slice(st.lastIndexOf(')') + 2).split(' ');
-    return Number(x[11]) + Number(x[12]);
-  } catch {
-    return NaN;
-  }
-}
-
-/** CPU used outside this benchmark's process tree between two snapshots, in % of one core. */
-function foreignCpuPct(a: CpuSnapshot, b: CpuSnapshot): number {
-  const secs = Math.max(0.001, (b.at - a.at) / 1000);
-  const foreign = Math.max(0, b.busy - a.busy - (b.ours - a.ours));
-  return Math.round((100 * foreign) / CLK_TCK / secs);
-}
-
-/** Keeps the last lines a process wrote, for error messages. */
-function tailKeeper(max = 40): { push: (line: string) => void; text: () => string } {
-  const lines: string[] = [];
-  return {
-    push: (line) => {
-      lines.push(line);
-      if (lines.length > max) lines.shift();
-    },
-    text: () => lines.join('\n'),
-  };
-}
-
 // ------------------------------------------------------------------ environment
 
 const BENCH_USER = 'bench';
 const BENCH_PASSWORD = 'bench-password-not-secret';
 const BENCH_DB = 'bench';
-const AUTH_ROLE = 'trustgate_auth';
-const AUTH_PASSWORD = 'trustgate-auth-bench-password';
-const AUTH_ENV = 'TRUSTGATE_BENCH_AUTH_PASSWORD';
 
 function findPgbouncer(): string | null {
   for (const p of ['/usr/sbin/pgbouncer', '/usr/bin/pgbouncer', '/usr/local/bin/pgbouncer', '/usr/local/sbin/pgbouncer']) {
@@ -379,11 +217,6 @@ async function ensurePgbouncer(): Promise<string | null> {
   return findPgbouncer();
 }
 
-function versionOf(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 10_000 });
-  return (r.stdout || r.stderr || '').split('\n')[0].trim() || 'unknown';
-}
-
 function postgresIdentity(): { uid: number; gid: number } | null {
   const uid = spawnSync('id', ['-u', 'postgres'], { encoding: 'utf8' });
   const gid = spawnSync('id', ['-g', 'postgres'], { encoding: 'utf8' });
@@ -391,158 +224,9 @@ function postgresIdentity(): { uid: number; gid: number } | null {
   return { uid: Number(uid.stdout.trim()), gid: Number(gid.stdout.trim()) };
 }
 
-// ------------------------------------------------------------------ trustgate child
-
-interface GatewayChild {
-  cp: ChildProcess;
-  pid: number;
-  port: number;
-  /** Asks the child for process.memoryUsage() (after a GC when started with --expose-gc). */
-  mem(): Promise<NodeJS.MemoryUsage>;
-  /** Graceful stop (writes the CPU profile when --cpu-prof is on). */
-  stop(): Promise<void>;
-  tail(): string;
-}
-
-interface GatewayLaunch {
-  /** Plain-JS launcher (transpiled bench/gateway-process.ts). */
-  launcher: string;
-  /** Gateway module URL for the launcher (compiled dist/gateway.js), or null to run src/ via tsx. */
-  gatewayModule: string | null;
-}
-
-async function prepareLauncher(opts: Options, tmp: string): Promise<GatewayLaunch> {
-  let distOk = false;
-  if (opts.build) {
-    log('building dist/ (npx tsc -p tsconfig.build.json)');
-    const r = await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, timeoutMs: 300_000 });
-    if (r.code !== 0) log(`warning: tsc -p tsconfig.build.json exited ${r.code}:\n${(r.stdout + r.stderr).slice(-2000)}`);
-  }
-  // TRUSTGATE_BENCH_GATEWAY_MODULE=/path/to/other/dist/gateway.js benchmarks another build (A/B).
-  const dist = process.env.TRUSTGATE_BENCH_GATEWAY_MODULE ? path.resolve(process.env.TRUSTGATE_BENCH_GATEWAY_MODULE) : path.join(ROOT, 'dist', 'gateway.js');
-  if (fs.existsSync(dist)) distOk = true;
-  else log('warning: dist/gateway.js missing; the gateway child runs src/ through tsx');
-  const source = fs.readFileSync(path.join(ROOT, 'bench', 'gateway-process.ts'), 'utf8');
-  const js = ts.transpileModule(source, {
-    compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 },
-    fileName: 'gateway-process.ts',
-  }).outputText;
-  const launcher = path.join(tmp, 'gateway-process.mjs');
-  fs.writeFileSync(launcher, js);
-  return { launcher, gatewayModule: distOk ? pathToFileURL(dist).href : null };
-}
-
-async function startGatewayChild(
-  launch: GatewayLaunch,
-  config: Record<string, unknown>,
-  extra: { exposeGc?: boolean; cpuProfDir?: string } = {},
-): Promise<GatewayChild> {
-  const nodeArgs: string[] = [];
-  if (extra.exposeGc) nodeArgs.push('--expose-gc');
-  if (extra.cpuProfDir) nodeArgs.push('--cpu-prof', '--cpu-prof-dir', extra.cpuProfDir);
-  // Extra node flags for the gateway child, e.g. TRUSTGATE_BENCH_NODE_FLAGS=--perf-basic-prof for perf(1).
-  nodeArgs.push(...(process.env.TRUSTGATE_BENCH_NODE_FLAGS ?? '').split(/\s+/).filter(Boolean));
-  if (launch.gatewayModule) nodeArgs.push(launch.launcher);
-  else nodeArgs.push('--import', 'tsx', path.join(ROOT, 'bench', 'gateway-process.ts'));
-  const env: NodeJS.ProcessEnv = {
-    ...process.env,
-    TRUSTGATE_BENCH_CONFIG: JSON.stringify(config),
-    [AUTH_ENV]: AUTH_PASSWORD,
-  };
-  if (launch.gatewayModule) env.TRUSTGATE_GATEWAY_MODULE = launch.gatewayModule;
-  else delete env.TRUSTGATE_GATEWAY_MODULE;
-  // Raise the open-files limit to the hard limit for 10,000 idle clients (node cannot setrlimit).
-  const cp = track(
-    spawn('bash', ['-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@"', process.execPath, ...nodeArgs], {
-      cwd: ROOT,
-      env,
-      stdio: ['pipe', 'pipe', 'pipe'],
-    }),
-  );
-  const tail = tailKeeper();
-  const waiters: ((msg: Record<string, unknown>) => boolean)[] = [];
-  readline.createInterface({ input: cp.stdout! }).on('line', (line) => {
-    let msg: Record<string, unknown> | null = null;
-    try {
-      msg = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      /* not JSON */
-    }
-    if (msg && ('port' in msg || 'mem' in msg)) {
-      const i = waiters.findIndex((w) => w(msg!));
-      if (i >= 0) waiters.splice(i, 1);
-    } else tail.push(line);
-  });
-  readline.createInterface({ input: cp.stderr! }).on('line', (line) => tail.push(line));
-  cp.stdin!.on('error', () => undefined);
-  const next = <T>(key: string, timeoutMs: number): Promise<T> =>
-    new Promise((resolve, reject) => {
-      const w = (msg: Record<string, unknown>) => {
-        if (!(key in msg)) return false;
-        clearTimeout(timer);
-        cp.off('exit', onExit);
-        resolve(msg as T);
-        return true;
-      };
-      const onExit = () => {
-        clearTimeout(timer);
-        reject(new Error(`trustgate child exited (code ${cp.exitCode}):\n${tail.text()}`));
-      };
-      const timer = setTimeout(() => {
-        const i = waiters.indexOf(w);
-        if (i >= 0) waiters.splice(i, 1);
-        cp.off('exit', onExit);
-        reject(new Error(`trustgate child: no "${key}" reply within ${timeoutMs} ms:\n${tail.text()}`));
-      }, timeoutMs);
-      cp.once('exit', onExit);
-      waiters.push(w);
-    });
-  let hello: { port: number; pid: number };
-  try {
-    hello = await next<{ port: number; pid: number }>('port', 60_000);
-  } catch (err) {
-    await killChild(cp);
-    throw err;
-  }
-  return {
-    cp,
-    pid: hello.pid,
-    port: hello.port,
-    async mem() {
-      const p = next<{ mem: NodeJS.MemoryUsage }>('mem', 30_000);
-      cp.stdin!.write('mem\n');
-      return (await p).mem;
-    },
-    async stop() {
-      if (exited(cp)) return;
-      const gone = new Promise<void>((r) => cp.once('exit', () => r()));
-      cp.stdin!.write('stop\n');
-      if (!(await Promise.race([gone.then(() => true), sleep(15_000).then(() => false)]))) await killChild(cp);
-    },
-    tail: tail.text,
-  };
-}
-
-function gatewayConfig(pg: EmbeddedPostgres, poolSize: number): Record<string, unknown> {
-  return {
-    listen: { host: '127.0.0.1', port: 0 },
-    server: { host: pg.host, port: pg.port, tls: { mode: 'disable' } },
-    auth: { method: 'scram-sha-256', user: AUTH_ROLE, password_env: AUTH_ENV, database: 'postgres' },
-    pool: { mode: 'transaction', default_size: poolSize, max_client_connections: 11_000, wait_timeout_ms: 120_000 },
-    log: { level: 'warn' },
-  };
-}
-
 // ------------------------------------------------------------------ pgbouncer
 
-interface Bouncer {
-  cp: ChildProcess;
-  pid: number;
-  port: number;
-  tail(): string;
-}
-
-async function startPgbouncer(bin: string, dir: string, pg: EmbeddedPostgres, verifier: string, poolSize: number): Promise<Bouncer> {
+async function startPgbouncer(bin: string, dir: string, pg: EmbeddedPostgres, verifier: string, poolSize: number): Promise<ListeningChild> {
   const port = await findFreePort();
   const authFile = path.join(dir, 'userlist.txt');
   const ini = path.join(dir, 'pgbouncer.ini');
@@ -585,9 +269,7 @@ async function startPgbouncer(bin: string, dir: string, pg: EmbeddedPostgres, ve
     fs.chownSync(ini, id.uid, id.gid);
   }
   const args = asRoot ? ['-u', 'postgres', ini] : [ini];
-  const cp = track(
-    spawn('bash', ['-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@"', bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] }),
-  );
+  const cp = spawnWithMaxOpenFiles(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   const tail = tailKeeper();
   readline.createInterface({ input: cp.stdout! }).on('line', tail.push);
   readline.createInterface({ input: cp.stderr! }).on('line', tail.push);
@@ -604,12 +286,8 @@ async function startPgbouncer(bin: string, dir: string, pg: EmbeddedPostgres, ve
 
 type CellStatus = 'ok' | 'failed' | 'unsupported' | 'skipped';
 
-interface Measurement {
+interface Measurement extends PgbenchSummary {
   status: CellStatus;
-  tps: number | null;
-  latencyMs: number | null;
-  transactions: number | null;
-  failedTransactions: number | null;
   /** CPU used by processes outside this benchmark during the run, % of one core (noise indicator). */
   foreignCpuPct?: number;
   /** CPU time the pooler process spent per transaction (µs), for trustgate and PgBouncer. */
@@ -625,50 +303,16 @@ interface Cell {
   results: Record<Target, Measurement>;
 }
 
-function pgbenchEnv(): NodeJS.ProcessEnv {
-  return { ...process.env, PGPASSWORD: BENCH_PASSWORD, PGSSLMODE: 'disable', PGCONNECT_TIMEOUT: '60', PGAPPNAME: 'pgbench' };
-}
-
 async function pgbench(port: number, clients: number, protocol: Protocol, duration: number, poolerPid?: number): Promise<Measurement> {
   const args = ['-S', '-n', '-T', String(duration), '-c', String(clients), '-j', String(Math.min(clients, 2)), '-M', protocol];
-  args.push('-h', '127.0.0.1', '-p', String(port), '-U', BENCH_USER, BENCH_DB);
-  const before = cpuSnapshot();
-  const poolerBefore = poolerPid ? processCpuTicks(poolerPid) : NaN;
-  const r = await run('pgbench', args, { env: pgbenchEnv(), timeoutMs: duration * 1000 + 180_000 });
-  const poolerTicks = poolerPid ? processCpuTicks(poolerPid) - poolerBefore : NaN;
-  const after = cpuSnapshot();
-  const foreign = foreignCpuPct(before, after);
-  const out = `${r.stdout}\n${r.stderr}`;
-  const num = (re: RegExp) => {
-    const m = re.exec(out);
-    return m ? Number(m[1]) : null;
-  };
-  const tps = num(/^tps = ([\d.]+) \(without initial connection time\)/m);
-  const latencyMs = num(/^latency average = ([\d.]+) ms/m);
-  const transactions = num(/^number of transactions actually processed: (\d+)/m);
-  const failedTransactions = num(/^number of failed transactions: (\d+)/m);
-  const pooler =
-    Number.isFinite(poolerTicks) && transactions
-      ? {
-          poolerCpuUsPerTxn: Math.round((10 * ((poolerTicks / CLK_TCK) * 1e6)) / transactions) / 10,
-          poolerCpuPct: Math.round((100 * poolerTicks) / CLK_TCK / Math.max(0.001, (after.at - before.at) / 1000)),
-        }
-      : {};
-  if (r.code === 0 && tps !== null) return { status: 'ok', tps, latencyMs, transactions, failedTransactions, foreignCpuPct: foreign, ...pooler };
-  const errLines = out
-    .split('\n')
-    .filter((l) => /error|fatal|abort/i.test(l))
-    .slice(0, 3)
-    .join(' | ');
-  return {
-    status: 'failed',
-    tps,
-    latencyMs,
-    transactions,
-    failedTransactions,
-    foreignCpuPct: foreign,
-    error: (r.timedOut ? 'timed out; ' : '') + `exit ${r.code}: ${errLines || out.trim().split('\n').slice(-3).join(' | ')}`.slice(0, 500),
-  };
+  args.push(...pgbenchTarget(port, BENCH_USER, BENCH_DB));
+  const r = await runPgbench(args, BENCH_PASSWORD, duration * 1000 + 180_000, poolerPid);
+  const { tps, latencyMs, transactions, failedTransactions, foreignCpuPct } = r;
+  if (r.exit.code === 0 && tps !== null) {
+    const pooler = r.poolerCpu ? { poolerCpuUsPerTxn: r.poolerCpu.usPerTxn, poolerCpuPct: r.poolerCpu.pctOfCore } : {};
+    return { status: 'ok', tps, latencyMs, transactions, failedTransactions, foreignCpuPct, ...pooler };
+  }
+  return { status: 'failed', tps, latencyMs, transactions, failedTransactions, foreignCpuPct, error: pgbenchFailure(r, 3, 500) };
 }
 
 // ------------------------------------------------------------------ idle-client memory
@@ -761,7 +405,6 @@ async function measureIdleMemory(
 
 // ------------------------------------------------------------------ output
 
-const fmtInt = (n: number | null | undefined) => (n === null || n === undefined ? '–' : Math.round(n).toLocaleString('en-US'));
 const fmtLat = (n: number | null | undefined) => (n === null || n === undefined ? '–' : n.toFixed(3));
 
 function cellText(m: Measurement | undefined, f: (x: number | null) => string, which: 'tps' | 'lat'): string {
@@ -902,71 +545,22 @@ function svgChart(cells: Cell[], targets: Target[], subtitle: string): string {
 
 // ------------------------------------------------------------------ main
 
-interface Cleanup {
-  pg?: EmbeddedPostgres;
-  tmp?: string;
-}
-const cleanupState: Cleanup = {};
-let cleaning: Promise<void> | null = null;
-
-function cleanup(): Promise<void> {
-  cleaning ??= (async () => {
-    await Promise.all([...children].map((cp) => killChild(cp, 3000)));
-    if (cleanupState.pg) await cleanupState.pg.stop().catch((err: unknown) => log(`warning: stopping PostgreSQL: ${String(err)}`));
-    if (cleanupState.tmp) fs.rmSync(cleanupState.tmp, { recursive: true, force: true });
-  })();
-  return cleaning;
-}
-
-let interrupted = false;
-for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.on(sig, () => {
-    interrupted = true;
-    log(`${sig}: cleaning up`);
-    const force = setTimeout(() => process.exit(130), 30_000);
-    force.unref();
-    void cleanup().finally(() => process.exit(130));
-  });
-}
-
 async function main(): Promise<void> {
   const opts = parseOptions(process.argv.slice(2));
   const cellCount = opts.clients.length * opts.protocols.length * opts.targets.length;
-  // Watchdog: nothing below may run unbounded; this is the backstop.
-  const budgetMs = (cellCount * (opts.duration + 90) + opts.targets.length * (opts.warmup + 60) + 900 + (opts.profile ? opts.duration + 120 : 0)) * 1000;
-  const watchdog = setTimeout(() => {
-    log(`watchdog: run exceeded ${Math.round(budgetMs / 1000)} s; aborting`);
-    void cleanup().finally(() => process.exit(1));
-  }, budgetMs);
-  watchdog.unref();
+  armWatchdog((cellCount * (opts.duration + 90) + opts.targets.length * (opts.warmup + 60) + 900 + (opts.profile ? opts.duration + 120 : 0)) * 1000);
 
-  for (const tool of ['pgbench', 'psql']) {
-    if (spawnSync('bash', ['-c', `command -v ${tool}`]).status !== 0) throw new Error(`${tool} not found (install the PostgreSQL client tools)`);
-  }
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'trustgate-bench-'));
-  cleanupState.tmp = tmp;
+  requireTools(['pgbench', 'psql']);
+  const tmp = makeTempDir('trustgate-bench-');
 
   const wantBouncer = opts.targets.includes('pgbouncer');
   const bouncerBin = wantBouncer ? await ensurePgbouncer() : null;
   const launch = opts.targets.includes('trustgate') || opts.profile || !opts.skipMemory ? await prepareLauncher(opts, tmp) : null;
 
-  log('starting embedded PostgreSQL (max_connections 400, shared_buffers 256MB)');
-  const pg = new EmbeddedPostgres({ settings: { max_connections: 400, shared_buffers: '256MB' } });
-  cleanupState.pg = pg;
-  await pg.start();
+  const pg = await startPostgres();
   await pg.query(`CREATE ROLE ${BENCH_USER} LOGIN PASSWORD '${BENCH_PASSWORD}'`);
   await pg.query(`CREATE DATABASE ${BENCH_DB} OWNER ${BENCH_USER}`);
-  await installAuthFunction(
-    {
-      endpoint: { host: pg.host, port: pg.port, tls: { mode: 'disable' }, connectTimeoutMs: 10_000 },
-      database: 'postgres',
-      superuser: pg.superuser,
-      superuserPassword: pg.superuserPassword,
-      authRole: AUTH_ROLE,
-      authRolePassword: AUTH_PASSWORD,
-    },
-    createLogger('silent'),
-  );
+  await installAuthQuery(pg);
   const [{ rolpassword: verifier }] = await pg.query<{ rolpassword: string }>('SELECT rolpassword FROM pg_authid WHERE rolname = $1', [BENCH_USER]);
   const secret = parseScramVerifier(verifier);
   if (!secret) throw new Error(`role ${BENCH_USER} has no SCRAM verifier`);
@@ -974,20 +568,20 @@ async function main(): Promise<void> {
   const [{ server_version: pgVersion }] = await pg.query<{ server_version: string }>('SHOW server_version');
 
   log(`pgbench -i -s ${opts.scale}`);
-  const init = await run('pgbench', ['-i', '-q', '-s', String(opts.scale), '-h', '127.0.0.1', '-p', String(pg.port), '-U', BENCH_USER, BENCH_DB], {
-    env: pgbenchEnv(),
+  const init = await run('pgbench', ['-i', '-q', '-s', String(opts.scale), ...pgbenchTarget(pg.port, BENCH_USER, BENCH_DB)], {
+    env: pgbenchEnv(BENCH_PASSWORD),
     timeoutMs: 900_000,
   });
   if (init.code !== 0) throw new Error(`pgbench -i failed:\n${init.stderr.slice(-2000)}`);
 
   const ports: Partial<Record<Target, number>> = { direct: pg.port };
   let gateway: GatewayChild | null = null;
-  let bouncer: Bouncer | null = null;
+  let bouncer: ListeningChild | null = null;
   const unavailable: Partial<Record<Target, string>> = {};
   if (opts.targets.includes('trustgate') && launch) {
     gateway = await startGatewayChild(launch, gatewayConfig(pg, opts.poolSize));
     ports.trustgate = gateway.port;
-    log(`trustgate child pid ${gateway.pid} on port ${gateway.port} (${launch.gatewayModule ? 'node dist/' : 'tsx src/'})`);
+    log(`trustgate child pid ${gateway.pid} on port ${gateway.port} (${launchKind(launch)})`);
   }
   if (wantBouncer) {
     if (bouncerBin) {
@@ -1090,16 +684,9 @@ async function main(): Promise<void> {
   }
 
   // ---------------------------------------------------------------- report
-  const bouncerVersion = bouncerBin ? versionOf(bouncerBin, ['--version']) : 'not installed';
   const machine = {
-    cores: os.cpus().length,
-    cpu: os.cpus()[0]?.model ?? 'unknown',
-    memoryGiB: Math.round(os.totalmem() / 2 ** 30),
-    kernel: `${os.type()} ${os.release()}`,
-    node: process.version,
-    postgres: pgVersion,
-    pgbench: versionOf('pgbench', ['--version']),
-    pgbouncer: bouncerVersion,
+    ...describeMachine(pgVersion),
+    pgbouncer: bouncerBin ? versionOf(bouncerBin, ['--version']) : 'not installed',
     openFilesLimit: spawnSync('bash', ['-c', 'ulimit -Hn'], { encoding: 'utf8' }).stdout.trim(),
   };
   const settings = {
@@ -1107,9 +694,9 @@ async function main(): Promise<void> {
     scale: opts.scale,
     poolSize: opts.poolSize,
     poolMode: 'transaction',
-    postgres: { max_connections: 400, shared_buffers: '256MB' },
+    postgres: POSTGRES_SETTINGS,
     pgbench: `pgbench -S -n -T ${opts.duration} -c <clients> -j <min(clients,2)> -M <protocol>`,
-    trustgate: `separate process (${launch?.gatewayModule ? 'node dist/' : 'tsx src/'}), log level warn, auth scram-sha-256 via auth query`,
+    trustgate: `separate process (${launchKind(launch)}), log level warn, auth scram-sha-256 via auth query`,
     pgbouncer: 'auth_type scram-sha-256 (auth_file with the pg_authid verifier), pool_mode transaction, log_connections/disconnections off',
     warmup: opts.warmup,
   };
@@ -1168,15 +755,4 @@ async function main(): Promise<void> {
   if (bouncer) await killChild(bouncer.cp);
 }
 
-main()
-  .then(async () => {
-    await cleanup();
-    log('done');
-    process.exit(0);
-  })
-  .catch(async (err: unknown) => {
-    if (interrupted) log('interrupted');
-    else log(`FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
-    await cleanup();
-    process.exit(interrupted ? 130 : 1);
-  });
+runBenchmark(main);

@@ -31,25 +31,27 @@
  * Needs pgbench (PostgreSQL client tools). Every wait is bounded; all processes and temp dirs are
  * cleaned up at the end, on error and on SIGINT/SIGTERM.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { fileURLToPath } from 'node:url';
 import pg from 'pg';
-import ts from 'typescript';
-import { EmbeddedPostgres } from '../src/embedded/postgres.js';
-import { installAuthFunction } from '../src/server/install.js';
-import { createLogger } from '../src/log/logger.js';
+import type { EmbeddedPostgres } from '../src/embedded/postgres.js';
+import {
+  ROOT, log, setLogTag, fmtInt, commandLineFlags, runBenchmark, wasInterrupted, armWatchdog, requireTools, makeTempDir, describeMachine,
+  POSTGRES_SETTINGS, AUTH_DATABASE, startPostgres, installAuthQuery,
+  prepareLauncher, launchKind, startGatewayChild, gatewayConfig, exited, type GatewayChild, type SharedOptions,
+  runPgbench, pgbenchTarget, pgbenchFailure, type PgbenchSummary,
+} from './common.js';
+
+setLogTag('bench:trust');
 
 // ------------------------------------------------------------------ options
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const SCENARIOS = ['a', 'b', 'b2', 'a1', 'b1', 'c', 'c-tg', 'd', 'e', 'd1', 'e1'] as const;
 type ScenarioId = (typeof SCENARIOS)[number];
 
-interface Options {
+interface Options extends SharedOptions {
   duration: number;
   clients: number;
   users: number;
@@ -58,8 +60,6 @@ interface Options {
   rounds: number;
   scenarios: ScenarioId[];
   logLevel: string;
-  build: boolean;
-  out: string;
 }
 
 const USAGE = `usage: npm run bench:trust -- [options]
@@ -74,6 +74,23 @@ const USAGE = `usage: npm run bench:trust -- [options]
   --no-build            do not run tsc -p tsconfig.build.json first (uses dist/ if present)
   --out <dir>           results directory (default bench/results)`;
 
+/** The options that take one whole number, and the least each accepts. */
+type WholeNumberKey = 'duration' | 'clients' | 'users' | 'poolSize' | 'warmup' | 'rounds';
+const WHOLE_NUMBER_OPTIONS = new Map<string, { key: WholeNumberKey; min: number }>([
+  ['--duration', { key: 'duration', min: 1 }],
+  ['--clients', { key: 'clients', min: 1 }],
+  ['--users', { key: 'users', min: 1 }],
+  ['--pool-size', { key: 'poolSize', min: 1 }],
+  ['--warmup', { key: 'warmup', min: 0 }],
+  ['--rounds', { key: 'rounds', min: 1 }],
+]);
+
+function wholeNumber(v: string, flag: string, min: number): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min) throw new Error(`${flag}: "${v}" is not an integer ≥ ${min}`);
+  return n;
+}
+
 function parseOptions(argv: string[]): Options {
   const o: Options = {
     duration: 10,
@@ -87,40 +104,13 @@ function parseOptions(argv: string[]): Options {
     build: true,
     out: path.join(ROOT, 'bench', 'results'),
   };
-  const int = (v: string, flag: string, min = 1) => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < min) throw new Error(`${flag}: "${v}" is not an integer ≥ ${min}`);
-    return n;
-  };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const eq = a.indexOf('=');
-    const flag = eq > 0 ? a.slice(0, eq) : a;
-    const value = () => {
-      if (eq > 0) return a.slice(eq + 1);
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${flag} needs a value`);
-      return v;
-    };
+  for (const { flag, value, unknown } of commandLineFlags(argv, USAGE, o)) {
+    const whole = WHOLE_NUMBER_OPTIONS.get(flag);
+    if (whole) {
+      o[whole.key] = wholeNumber(value(), flag, whole.min);
+      continue;
+    }
     switch (flag) {
-      case '--duration':
-        o.duration = int(value(), flag);
-        break;
-      case '--clients':
-        o.clients = int(value(), flag);
-        break;
-      case '--users':
-        o.users = int(value(), flag);
-        break;
-      case '--pool-size':
-        o.poolSize = int(value(), flag);
-        break;
-      case '--warmup':
-        o.warmup = int(value(), flag, 0);
-        break;
-      case '--rounds':
-        o.rounds = int(value(), flag);
-        break;
       case '--scenarios':
         o.scenarios = value()
           .split(',')
@@ -134,19 +124,8 @@ function parseOptions(argv: string[]): Options {
         o.logLevel = value();
         if (!['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'].includes(o.logLevel)) throw new Error(`--log-level: unknown level ${o.logLevel}`);
         break;
-      case '--no-build':
-        o.build = false;
-        break;
-      case '--out':
-        o.out = path.resolve(value());
-        break;
-      case '-h':
-      case '--help':
-        console.log(USAGE);
-        process.exit(0);
-        break;
       default:
-        throw new Error(`unknown option ${a}\n${USAGE}`);
+        throw unknown();
     }
   }
   if (o.duration > 600) throw new Error('--duration: at most 600 s per scenario');
@@ -155,146 +134,7 @@ function parseOptions(argv: string[]): Options {
   return o;
 }
 
-// ------------------------------------------------------------------ process plumbing
-
-const t0 = Date.now();
-function log(msg: string): void {
-  process.stderr.write(`[bench:trust ${((Date.now() - t0) / 1000).toFixed(1).padStart(6)}s] ${msg}\n`);
-}
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-const children = new Set<ChildProcess>();
-function track(cp: ChildProcess): ChildProcess {
-  children.add(cp);
-  cp.once('exit', () => children.delete(cp));
-  return cp;
-}
-
-function exited(cp: ChildProcess): boolean {
-  return cp.exitCode !== null || cp.signalCode !== null;
-}
-
-/** SIGTERM, then SIGKILL after `graceMs`; resolves when the process is gone (bounded). */
-async function killChild(cp: ChildProcess, graceMs = 5000): Promise<void> {
-  if (exited(cp)) return;
-  const gone = new Promise<void>((r) => cp.once('exit', () => r()));
-  cp.kill('SIGTERM');
-  if (!(await Promise.race([gone.then(() => true), sleep(graceMs).then(() => false)])) && !exited(cp)) {
-    cp.kill('SIGKILL');
-    await Promise.race([gone, sleep(2000)]);
-  }
-}
-
-interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-  timedOut: boolean;
-}
-
-/** Runs a command to completion, killing it after `timeoutMs`. */
-function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs: number; cwd?: string }): Promise<RunResult> {
-  return new Promise((resolve) => {
-    const cp = track(spawn(cmd, args, { env: opts.env ?? process.env, cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] }));
-    let stdout = '';
-    let stderr = '';
-    let timedOut = false;
-    const cap = (s: string, add: string) => (s.length > 1_000_000 ? s : s + add);
-    cp.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout = cap(stdout, d)));
-    cp.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = cap(stderr, d)));
-    const timer = setTimeout(() => {
-      timedOut = true;
-      cp.kill('SIGTERM');
-      setTimeout(() => cp.kill('SIGKILL'), 3000).unref();
-    }, opts.timeoutMs);
-    cp.once('error', (err) => {
-      clearTimeout(timer);
-      resolve({ code: -1, stdout, stderr: stderr + String(err), timedOut });
-    });
-    cp.once('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr, timedOut });
-    });
-  });
-}
-
-function tailKeeper(max = 60): { push: (line: string) => void; text: () => string } {
-  const lines: string[] = [];
-  return {
-    push: (line) => {
-      lines.push(line);
-      if (lines.length > max) lines.shift();
-    },
-    text: () => lines.join('\n'),
-  };
-}
-
-// CPU accounting (as bench/run.ts): the pooler's own CPU per transaction, and how much CPU
-// processes outside this benchmark's tree used during a scenario (noise on a shared box).
-const CLK_TCK = 100;
-interface CpuSnapshot {
-  busy: number;
-  ours: number;
-  at: number;
-}
-
-function cpuSnapshot(): CpuSnapshot {
-  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
-  const busy = f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] ?? 0);
-  const stats = new Map<number, { ppid: number; cpu: number }>();
-  for (const d of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const st = fs.readFileSync(`/proc/${d}/stat`, 'utf8');
-      const x = st.slice(st.lastIndexOf(')') + 2).split(' ');
-      stats.set(Number(d), { ppid: Number(x[1]), cpu: Number(x[11]) + Number(x[12]) + Number(x[13]) + Number(x[14]) });
-    } catch {
-      /* gone */
-    }
-  }
-  const kids = new Map<number, number[]>();
-  for (const [pid, s] of stats) {
-    const k = kids.get(s.ppid);
-    if (k) k.push(pid);
-    else kids.set(s.ppid, [pid]);
-  }
-  let ours = 0;
-  const stack = [process.pid];
-  for (let n = 0; stack.length && n < 100_000; n++) {
-    const pid = stack.pop()!;
-    ours += stats.get(pid)?.cpu ?? 0;
-    for (const c of kids.get(pid) ?? []) stack.push(c);
-  }
-  return { busy, ours, at: Date.now() };
-}
-
-function processCpuTicks(pid: number): number {
-  try {
-    const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const x = st.slice(st.lastIndexOf(')') + 2).split(' ');
-    return Number(x[11]) + Number(x[12]);
-  } catch {
-    return NaN;
-  }
-}
-
-/** Read and write system calls of one process so far (/proc/<pid>/io), or null. */
-function processSyscalls(pid: number): { r: number; w: number } | null {
-  try {
-    const io = fs.readFileSync(`/proc/${pid}/io`, 'utf8');
-    const r = /^syscr:\s+(\d+)/m.exec(io);
-    const w = /^syscw:\s+(\d+)/m.exec(io);
-    return r && w ? { r: Number(r[1]), w: Number(w[1]) } : null;
-  } catch {
-    return null;
-  }
-}
-
-function foreignCpuPct(a: CpuSnapshot, b: CpuSnapshot): number {
-  const secs = Math.max(0.001, (b.at - a.at) / 1000);
-  return Math.round((100 * Math.max(0, b.busy - a.busy - (b.ours - a.ours))) / CLK_TCK / secs);
-}
+// ------------------------------------------------------------------ environment
 
 /** The code measured: HEAD and the files under src/ that differ from it (others may be editing). */
 function gitState(): { commit: string; dirtySrc: string[] } {
@@ -306,17 +146,9 @@ function gitState(): { commit: string; dirtySrc: string[] } {
   };
 }
 
-function versionOf(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 10_000 });
-  return (r.stdout || r.stderr || '').split('\n')[0].trim() || 'unknown';
-}
-
 // ------------------------------------------------------------------ the database
 
-const DB = 'postgres'; // the catalog lives in the database the auth query uses
-const AUTH_ROLE = 'trustgate_auth';
-const AUTH_PASSWORD = 'trustgate-auth-bench-password';
-const AUTH_ENV = 'TRUSTGATE_BENCH_AUTH_PASSWORD';
+const DB = AUTH_DATABASE; // the catalog lives in the database the auth query uses
 const ADMIN = 'bench_secadm';
 const ADMIN_PASSWORD = 'bench-secadm-password';
 const TRUSTED = 'app_tier';
@@ -413,111 +245,6 @@ async function sanityCheck(gatewayPort: number, users: number): Promise<void> {
     if (problems.length) throw new Error(`sanity check of a proxied request failed: ${problems.join('; ')}`);
   });
   log(`sanity check: ${user} sees its ${ORDERS_PER_USER} orders under a FOR TRANSACTION band (separate statement and leading one query), ${TRUSTED} again after each`);
-}
-
-// ------------------------------------------------------------------ trustgate child
-
-interface GatewayLaunch {
-  launcher: string;
-  gatewayModule: string | null;
-}
-
-async function prepareLauncher(opts: Options, tmp: string): Promise<GatewayLaunch> {
-  if (opts.build) {
-    log('building dist/ (npx tsc -p tsconfig.build.json)');
-    const r = await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, timeoutMs: 300_000 });
-    if (r.code !== 0) log(`warning: tsc -p tsconfig.build.json exited ${r.code}:\n${(r.stdout + r.stderr).slice(-2000)}`);
-  }
-  const dist = process.env.TRUSTGATE_BENCH_GATEWAY_MODULE ? path.resolve(process.env.TRUSTGATE_BENCH_GATEWAY_MODULE) : path.join(ROOT, 'dist', 'gateway.js');
-  const distOk = fs.existsSync(dist);
-  if (!distOk) log('warning: dist/gateway.js missing; the gateway child runs src/ through tsx');
-  const js = ts.transpileModule(fs.readFileSync(path.join(ROOT, 'bench', 'gateway-process.ts'), 'utf8'), {
-    compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 },
-    fileName: 'gateway-process.ts',
-  }).outputText;
-  const launcher = path.join(tmp, 'gateway-process.mjs');
-  fs.writeFileSync(launcher, js);
-  return { launcher, gatewayModule: distOk ? pathToFileURL(dist).href : null };
-}
-
-interface GatewayChild {
-  cp: ChildProcess;
-  pid: number;
-  port: number;
-  stop(): Promise<void>;
-  tail(): string;
-  /** Log lines (of level warn and above, or all at --log-level debug) since the last call. */
-  takeLines(): string[];
-}
-
-async function startGatewayChild(launch: GatewayLaunch, config: Record<string, unknown>): Promise<GatewayChild> {
-  const nodeArgs = (process.env.TRUSTGATE_BENCH_NODE_FLAGS ?? '').split(/\s+/).filter(Boolean);
-  if (launch.gatewayModule) nodeArgs.push(launch.launcher);
-  else nodeArgs.push('--import', 'tsx', path.join(ROOT, 'bench', 'gateway-process.ts'));
-  const env: NodeJS.ProcessEnv = { ...process.env, TRUSTGATE_BENCH_CONFIG: JSON.stringify(config), [AUTH_ENV]: AUTH_PASSWORD };
-  if (launch.gatewayModule) env.TRUSTGATE_GATEWAY_MODULE = launch.gatewayModule;
-  else delete env.TRUSTGATE_GATEWAY_MODULE;
-  const cp = track(spawn(process.execPath, nodeArgs, { cwd: ROOT, env, stdio: ['pipe', 'pipe', 'pipe'] }));
-  const tail = tailKeeper();
-  let recent: string[] = [];
-  const keep = (line: string) => {
-    tail.push(line);
-    if (recent.length < 10_000) recent.push(line);
-  };
-  let resolveHello: (v: { port: number; pid: number }) => void = () => undefined;
-  const hello = new Promise<{ port: number; pid: number }>((r) => (resolveHello = r));
-  readline.createInterface({ input: cp.stdout! }).on('line', (line) => {
-    if (line.startsWith('{"port":')) {
-      try {
-        resolveHello(JSON.parse(line) as { port: number; pid: number });
-        return;
-      } catch {
-        /* a log line */
-      }
-    }
-    keep(line);
-  });
-  readline.createInterface({ input: cp.stderr! }).on('line', keep);
-  cp.stdin!.on('error', () => undefined);
-  const failed = new Promise<never>((_, reject) => {
-    cp.once('exit', (code) => reject(new Error(`trustgate child exited during startup (code ${code}):\n${tail.text()}`)));
-    setTimeout(() => reject(new Error(`trustgate child did not start within 60 s:\n${tail.text()}`)), 60_000).unref();
-  });
-  failed.catch(() => undefined);
-  let h: { port: number; pid: number };
-  try {
-    h = await Promise.race([hello, failed]);
-  } catch (err) {
-    await killChild(cp);
-    throw err;
-  }
-  return {
-    cp,
-    pid: h.pid,
-    port: h.port,
-    async stop() {
-      if (exited(cp)) return;
-      const gone = new Promise<void>((r) => cp.once('exit', () => r()));
-      cp.stdin!.write('stop\n');
-      if (!(await Promise.race([gone.then(() => true), sleep(15_000).then(() => false)]))) await killChild(cp);
-    },
-    tail: tail.text,
-    takeLines() {
-      const r = recent;
-      recent = [];
-      return r;
-    },
-  };
-}
-
-function gatewayConfig(db: EmbeddedPostgres, opts: Options): Record<string, unknown> {
-  return {
-    listen: { host: '127.0.0.1', port: 0 },
-    server: { host: db.host, port: db.port, tls: { mode: 'disable' } },
-    auth: { method: 'scram-sha-256', user: AUTH_ROLE, password_env: AUTH_ENV, database: DB },
-    pool: { mode: 'transaction', default_size: opts.poolSize, max_client_connections: 11_000, wait_timeout_ms: 120_000 },
-    log: { level: opts.logLevel },
-  };
 }
 
 // ------------------------------------------------------------------ scenarios and pgbench
@@ -654,15 +381,11 @@ const SWITCH_LIKE = (() => {
   );
 })();
 
-interface Measurement {
+interface Measurement extends PgbenchSummary {
   id: ScenarioId;
   title: string;
   command: string;
   status: 'ok' | 'failed' | 'skipped';
-  tps: number | null;
-  latencyMs: number | null;
-  transactions: number | null;
-  failedTransactions: number | null;
   /** CPU of the whole benchmark (pgbench, trustgate, PostgreSQL) per transaction (µs): less noise-prone than tps. */
   cpuUsPerTxn?: number;
   /** trustgate process CPU per transaction (µs), for scenarios through trustgate. */
@@ -680,57 +403,36 @@ interface Measurement {
 function pgbenchArgs(s: Scenario, scriptFile: string, port: number, clients: number, duration: number): string[] {
   const args = ['-n', '-M', 'simple', '-f', scriptFile, '-T', String(duration), '-c', String(clients), '-j', String(Math.min(clients, 2))];
   if (s.connectPerRequest) args.push('-C');
-  args.push('-h', '127.0.0.1', '-p', String(port), '-U', s.user, DB);
+  args.push(...pgbenchTarget(port, s.user, DB));
   return args;
 }
 
 async function pgbench(s: Scenario, scriptFile: string, port: number, clients: number, duration: number, gatewayPid?: number): Promise<Measurement> {
   const args = pgbenchArgs(s, scriptFile, port, clients, duration);
   const command = `PGPASSWORD=… pgbench ${args.join(' ')}`;
-  const env = { ...process.env, PGPASSWORD: s.password, PGSSLMODE: 'disable', PGCONNECT_TIMEOUT: '60', PGAPPNAME: 'pgbench' };
-  const before = cpuSnapshot();
-  const gwBefore = gatewayPid ? processCpuTicks(gatewayPid) : NaN;
-  const ioBefore = gatewayPid ? processSyscalls(gatewayPid) : null;
-  const r = await run('pgbench', args, { env, timeoutMs: duration * 1000 + 120_000 });
-  const gwTicks = gatewayPid ? processCpuTicks(gatewayPid) - gwBefore : NaN;
-  const ioAfter = gatewayPid ? processSyscalls(gatewayPid) : null;
-  const after = cpuSnapshot();
-  const out = `${r.stdout}\n${r.stderr}`;
-  const num = (re: RegExp) => {
-    const m = re.exec(out);
-    return m ? Number(m[1]) : null;
-  };
-  // "(without initial connection time)", or with -C "(including reconnection times)".
-  const tps = num(/^tps = ([\d.]+) \(/m);
-  const latencyMs = num(/^latency average = ([\d.]+) ms/m);
-  const transactions = num(/^number of transactions actually processed: (\d+)/m);
-  const failedTransactions = num(/^number of failed transactions: (\d+)/m);
-  const m: Measurement = { id: s.id, title: s.title, command, status: 'ok', tps, latencyMs, transactions, failedTransactions, foreignCpuPct: foreignCpuPct(before, after) };
-  if (transactions) m.cpuUsPerTxn = Math.round(((after.ours - before.ours) / CLK_TCK) * 1e6 / transactions);
-  if (Number.isFinite(gwTicks) && transactions) {
-    m.gatewayCpuUsPerTxn = Math.round((10 * ((gwTicks / CLK_TCK) * 1e6)) / transactions) / 10;
-    m.gatewayCpuPct = Math.round((100 * gwTicks) / CLK_TCK / Math.max(0.001, (after.at - before.at) / 1000));
+  const r = await runPgbench(args, s.password, duration * 1000 + 120_000, gatewayPid);
+  const { tps, latencyMs, transactions, failedTransactions, foreignCpuPct } = r;
+  const m: Measurement = { id: s.id, title: s.title, command, status: 'ok', tps, latencyMs, transactions, failedTransactions, foreignCpuPct };
+  if (r.treeCpuUsPerTxn !== undefined) m.cpuUsPerTxn = r.treeCpuUsPerTxn;
+  if (r.poolerCpu) {
+    m.gatewayCpuUsPerTxn = r.poolerCpu.usPerTxn;
+    m.gatewayCpuPct = r.poolerCpu.pctOfCore;
   }
-  if (ioBefore && ioAfter && transactions) {
-    m.gatewayReadsPerTxn = Math.round((10 * (ioAfter.r - ioBefore.r)) / transactions) / 10;
-    m.gatewayWritesPerTxn = Math.round((10 * (ioAfter.w - ioBefore.w)) / transactions) / 10;
+  if (r.poolerSyscalls) {
+    m.gatewayReadsPerTxn = r.poolerSyscalls.readsPerTxn;
+    m.gatewayWritesPerTxn = r.poolerSyscalls.writesPerTxn;
   }
-  const aborted = /client \d+ aborted|aborted in command/.test(out);
-  if (r.code !== 0 || tps === null || aborted) {
+  // pgbench can exit 0 with a summary although clients aborted.
+  const aborted = /client \d+ aborted|aborted in command/.test(r.output);
+  if (r.exit.code !== 0 || tps === null || aborted) {
     m.status = 'failed';
-    const errLines = out
-      .split('\n')
-      .filter((l) => /error|fatal|abort/i.test(l))
-      .slice(0, 4)
-      .join(' | ');
-    m.error = `${r.timedOut ? 'timed out; ' : ''}exit ${r.code}: ${errLines || out.trim().split('\n').slice(-3).join(' | ')}`.slice(0, 800);
+    m.error = pgbenchFailure(r, 4, 800);
   }
   return m;
 }
 
 // ------------------------------------------------------------------ report
 
-const fmtInt = (n: number | null | undefined) => (n === null || n === undefined ? '–' : Math.round(n).toLocaleString('en-US'));
 const fmtRatio = (n: number | null) => (n === null ? '–' : n >= 10 ? `${n.toFixed(1)}×` : `${n.toFixed(2)}×`);
 const ratio = (x: number | null | undefined, y: number | null | undefined) => (x && y ? x / y : null);
 
@@ -824,63 +526,24 @@ function targetLines(v: Verdicts): string[] {
 
 // ------------------------------------------------------------------ main
 
-const cleanupState: { db?: EmbeddedPostgres; tmp?: string } = {};
-let cleaning: Promise<void> | null = null;
-function cleanup(): Promise<void> {
-  cleaning ??= (async () => {
-    await Promise.all([...children].map((cp) => killChild(cp, 3000)));
-    if (cleanupState.db) await cleanupState.db.stop().catch((err: unknown) => log(`warning: stopping PostgreSQL: ${String(err)}`));
-    if (cleanupState.tmp) fs.rmSync(cleanupState.tmp, { recursive: true, force: true });
-  })();
-  return cleaning;
-}
-
-let interrupted = false;
-for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.on(sig, () => {
-    interrupted = true;
-    log(`${sig}: cleaning up`);
-    setTimeout(() => process.exit(130), 30_000).unref();
-    void cleanup().finally(() => process.exit(130));
-  });
-}
-
 async function main(): Promise<void> {
   const opts = parseOptions(process.argv.slice(2));
-  const budgetMs = (opts.rounds * opts.scenarios.length * (opts.duration + 60) + 2 * (opts.warmup + 30) + 600) * 1000;
-  setTimeout(() => {
-    log(`watchdog: run exceeded ${Math.round(budgetMs / 1000)} s; aborting`);
-    void cleanup().finally(() => process.exit(1));
-  }, budgetMs).unref();
+  armWatchdog((opts.rounds * opts.scenarios.length * (opts.duration + 60) + 2 * (opts.warmup + 30) + 600) * 1000);
 
-  if (spawnSync('bash', ['-c', 'command -v pgbench']).status !== 0) throw new Error('pgbench not found (install the PostgreSQL client tools)');
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'trustgate-bench-trust-'));
-  cleanupState.tmp = tmp;
+  requireTools(['pgbench']);
+  const tmp = makeTempDir('trustgate-bench-trust-');
   const launch = await prepareLauncher(opts, tmp);
 
-  log('starting embedded PostgreSQL (max_connections 400, shared_buffers 256MB)');
-  const db = new EmbeddedPostgres({ settings: { max_connections: 400, shared_buffers: '256MB' } });
-  cleanupState.db = db;
-  await db.start();
+  const db = await startPostgres();
   log(`PostgreSQL pid ${db.pid} on port ${db.port}`);
-  await installAuthFunction(
-    {
-      endpoint: { host: db.host, port: db.port, tls: { mode: 'disable' }, connectTimeoutMs: 10_000 },
-      database: DB,
-      superuser: db.superuser,
-      superuserPassword: db.superuserPassword,
-      authRole: AUTH_ROLE,
-      authRolePassword: AUTH_PASSWORD,
-    },
-    createLogger('silent'),
-  );
+  await installAuthQuery(db);
   let t = Date.now();
   await setupDatabase(db, opts.users);
   log(`created ${opts.users} proxy users (LOGIN, SCRAM password, member of ${READER}) and the tables in ${((Date.now() - t) / 1000).toFixed(1)} s`);
   const [{ server_version: pgVersion }] = await db.query<{ server_version: string }>('SHOW server_version');
 
-  let gateway: GatewayChild | null = await startGatewayChild(launch, gatewayConfig(db, opts));
-  log(`trustgate child pid ${gateway.pid} on port ${gateway.port} (${launch.gatewayModule ? 'node dist/' : 'tsx src/'}), transaction mode, pool ${opts.poolSize}`);
+  let gateway: GatewayChild | null = await startGatewayChild(launch, gatewayConfig(db, opts.poolSize, opts.logLevel));
+  log(`trustgate child pid ${gateway.pid} on port ${gateway.port} (${launchKind(launch)}), transaction mode, pool ${opts.poolSize}`);
 
   t = Date.now();
   const granted = await grantConnectThrough(gateway.port, opts.users);
@@ -914,7 +577,7 @@ async function main(): Promise<void> {
   let i = 0;
   for (let round = 1; round <= opts.rounds; round++) {
     for (const s of chosen) {
-      if (interrupted) throw new Error('interrupted');
+      if (wasInterrupted()) throw new Error('interrupted');
       i++;
       const m = await pgbench(s, scriptFile(s), portOf(s), opts.clients, opts.duration, s.target === 'trustgate' ? gateway.pid : undefined);
       runs.get(s.id)!.push(m);
@@ -946,15 +609,7 @@ async function main(): Promise<void> {
   // ---------------------------------------------------------------- report
   const v = verdicts(results);
   const date = new Date().toISOString();
-  const machine = {
-    cores: os.cpus().length,
-    cpu: os.cpus()[0]?.model ?? 'unknown',
-    memoryGiB: Math.round(os.totalmem() / 2 ** 30),
-    kernel: `${os.type()} ${os.release()}`,
-    node: process.version,
-    postgres: pgVersion,
-    pgbench: versionOf('pgbench', ['--version']),
-  };
+  const machine = describeMachine(pgVersion);
   const settings = {
     duration: opts.duration,
     clients: opts.clients,
@@ -964,8 +619,8 @@ async function main(): Promise<void> {
     poolMode: 'transaction',
     warmup: opts.warmup,
     rounds: opts.rounds,
-    postgres: { max_connections: 400, shared_buffers: '256MB', password_encryption: 'scram-sha-256 (4096 iterations)' },
-    trustgate: `separate process (${launch.gatewayModule ? 'node dist/' : 'tsx src/'}), log level ${opts.logLevel}, auth scram-sha-256 via auth query`,
+    postgres: { ...POSTGRES_SETTINGS, password_encryption: 'scram-sha-256 (4096 iterations)' },
+    trustgate: `separate process (${launchKind(launch)}), log level ${opts.logLevel}, auth scram-sha-256 via auth query`,
     gatewayModule: launch.gatewayModule ? path.relative(ROOT, fileURLToPath(launch.gatewayModule)) : 'src/ via tsx',
     code: process.env.TRUSTGATE_BENCH_GATEWAY_MODULE ? { note: 'TRUSTGATE_BENCH_GATEWAY_MODULE: another build' } : gitState(),
     protocol: 'simple (pgbench substitutes :p inside the band literal only in simple mode)',
@@ -1016,15 +671,4 @@ async function main(): Promise<void> {
   if (failures.length) throw new Error(`${failures.length} scenario(s) failed: ${failures.map((m) => m.id).join(', ')}`);
 }
 
-main()
-  .then(async () => {
-    await cleanup();
-    log('done');
-    process.exit(0);
-  })
-  .catch(async (err: unknown) => {
-    if (interrupted) log('interrupted');
-    else log(`FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
-    await cleanup();
-    process.exit(interrupted ? 130 : 1);
-  });
+runBenchmark(main);
