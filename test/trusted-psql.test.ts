@@ -172,7 +172,7 @@ for (const mode of MODES) {
       assert.deepEqual(lines(r.stdout), ['SET', 'BEGIN', 'ROLLBACK', 'still|alice|alice', 'SET']);
       assert.deepEqual(errorLines(r.stderr), [
         'ERROR:  25P01: SET QUERY_BAND … FOR TRANSACTION can only be used in transaction blocks',
-        'ERROR:  22023: query band pair "ProxyUser=alice" is not terminated by \';\'',
+        'ERROR:  22023: query band pair "ProxyUser=alice" is not terminated by \';\' (at character 19 of the statement)',
         'ERROR:  22023: ProxyRole can only be set while a ProxyUser is in force',
         'ERROR:  42601: syntax error at or near "SESSIONS" in SET QUERY_BAND: expected SESSION or TRANSACTION',
         'ERROR:  0A000: VOLATILE can only be used with FOR SESSION, not FOR TRANSACTION',

@@ -40,6 +40,8 @@ export class QueryBandError extends Error {
   constructor(
     readonly sqlState: QueryBandSqlState,
     message: string,
+    /** Where in the band text the failing pair starts (0-based), when known. */
+    public offset?: number,
   ) {
     super(message);
     this.name = 'QueryBandError';
@@ -112,7 +114,7 @@ export function splitQueryBandRequest(sql: string): { statement: string; rest: s
 
 const WORD = /[A-Za-z_][A-Za-z0-9_]*/y;
 
-type Token = { kind: 'word' | 'string' | 'punct' | 'other' | 'end'; text: string };
+type Token = { kind: 'word' | 'string' | 'punct' | 'other' | 'end'; text: string; start?: number };
 
 function tokenize(sql: string): Token[] {
   const tokens: Token[] = [];
@@ -128,6 +130,7 @@ function tokenize(sql: string): Token[] {
       tokens.push({ kind: 'word', text: word[0] });
       i += word[0].length;
     } else if (c === "'") {
+      const start = i;
       let value = '';
       for (i++; ; i++) {
         if (i >= sql.length) throw new QueryBandError('42601', 'unterminated string literal in SET QUERY_BAND');
@@ -138,7 +141,7 @@ function tokenize(sql: string): Token[] {
         value += sql[i];
       }
       i++;
-      tokens.push({ kind: 'string', text: value });
+      tokens.push({ kind: 'string', text: value, start });
     } else if (c === '=' || c === ';') {
       tokens.push({ kind: 'punct', text: c });
       i++;
@@ -191,6 +194,7 @@ function parseSetQueryBandUncached(sql: string): SetQueryBand {
   pos++;
 
   let bandText: string | null;
+  const literalStart = peek().start ?? 0;
   if (peek().kind === 'string') bandText = peek().text;
   else if (isWord('NONE')) bandText = null;
   else fail("a quoted band ('name=value;...') or NONE");
@@ -209,7 +213,18 @@ function parseSetQueryBandUncached(sql: string): SetQueryBand {
   if (peek().kind === 'punct' && peek().text === ';') pos++;
   if (peek().kind !== 'end') fail('end of statement');
 
-  const band = bandText === null || bandText.trim() === '' ? null : parseBand(bandText);
+  let band: QueryBand | null = null;
+  if (bandText !== null && bandText.trim() !== '') {
+    try {
+      band = parseBand(bandText);
+    } catch (err) {
+      if (!(err instanceof QueryBandError) || err.offset === undefined) throw err;
+      // Where the pair stands in the statement: each apostrophe in the band was written twice.
+      const quotes = bandText.slice(0, err.offset).split("'").length - 1;
+      const position = literalStart + 2 + err.offset + quotes;
+      throw new QueryBandError(err.sqlState, `${err.message} (at character ${position} of the statement)`);
+    }
+  }
   const what = bandText === null ? 'NONE' : "an empty band ('')";
   if (band === null && update) throw new QueryBandError('0A000', `UPDATE cannot be used with ${what}`);
   if (volatile && scope === 'transaction') {
@@ -277,36 +292,48 @@ export function parseBand(text: string): QueryBand {
   const seen = new Set<string>();
   let rest = text;
   while (rest.trim() !== '') {
-    const semi = rest.indexOf(';');
-    if (semi < 0) bad(`query band pair "${rest.trim()}" is not terminated by ';'`);
-    const pair = rest.slice(0, semi);
-    rest = rest.slice(semi + 1);
-    if (pair.trim() === '') bad("query band has an empty pair (';' with no name=value before it)");
-    const eq = pair.indexOf('=');
-    if (eq < 0) bad(`query band pair "${pair.trim()}" has no '='`);
-    let name = pair.slice(0, eq).trim();
-    const value = pair.slice(eq + 1).trim();
-    if (name === '') bad(`query band pair "${pair.trim()}" has an empty name`);
-    if (!/^[A-Za-z0-9_]+$/.test(name)) bad(`query band name "${name}" may contain only letters, digits and '_'`);
-    if (name.length > QUERY_BAND_LIMITS.name) {
-      bad(`query band name "${name.slice(0, 20)}…" is ${name.length} characters long; the limit is ${QUERY_BAND_LIMITS.name}`);
+    const pairStart = text.length - rest.length + (rest.length - rest.trimStart().length);
+    try {
+      rest = parsePair(rest, pairs, seen);
+    } catch (err) {
+      if (err instanceof QueryBandError) err.offset ??= pairStart;
+      throw err;
     }
-    if (value === '') bad(`query band name "${name}" has an empty value`);
-    if (value.includes('=')) bad(`query band value for "${name}" contains '='`);
-    if (/[\u0000-\u001f\u007f]/.test(value)) bad(`query band value for "${name}" contains a control character`);
-    const valueLength = charLength(value);
-    if (valueLength > QUERY_BAND_LIMITS.value) {
-      bad(`query band value for "${name}" is ${valueLength} characters long; the limit is ${QUERY_BAND_LIMITS.value}`);
-    }
-    const key = name.toLowerCase();
-    if (seen.has(key)) bad(`query band name "${name}" appears more than once`);
-    seen.add(key);
-    name = RESERVED.get(key) ?? name;
-    if (name === 'ProxyUser') proxyUserOf(value);
-    if (name === 'ProxyRole') proxyRoleOf(value);
-    pairs.push([name, value]);
   }
   return makeBand(pairs);
+}
+
+/** Reads one `name=value;` pair from the start of `rest` into `pairs`; returns what follows it. */
+function parsePair(rest: string, pairs: Array<[string, string]>, seen: Set<string>): string {
+  const semi = rest.indexOf(';');
+  if (semi < 0) bad(`query band pair "${rest.trim()}" is not terminated by ';'`);
+  const pair = rest.slice(0, semi);
+  rest = rest.slice(semi + 1);
+  if (pair.trim() === '') bad("query band has an empty pair (';' with no name=value before it)");
+  const eq = pair.indexOf('=');
+  if (eq < 0) bad(`query band pair "${pair.trim()}" has no '='`);
+  let name = pair.slice(0, eq).trim();
+  const value = pair.slice(eq + 1).trim();
+  if (name === '') bad(`query band pair "${pair.trim()}" has an empty name`);
+  if (!/^[A-Za-z0-9_]+$/.test(name)) bad(`query band name "${name}" may contain only letters, digits and '_'`);
+  if (name.length > QUERY_BAND_LIMITS.name) {
+    bad(`query band name "${name.slice(0, 20)}…" is ${name.length} characters long; the limit is ${QUERY_BAND_LIMITS.name}`);
+  }
+  if (value === '') bad(`query band name "${name}" has an empty value`);
+  if (value.includes('=')) bad(`query band value for "${name}" contains '='`);
+  if (/[\u0000-\u001f\u007f]/.test(value)) bad(`query band value for "${name}" contains a control character`);
+  const valueLength = charLength(value);
+  if (valueLength > QUERY_BAND_LIMITS.value) {
+    bad(`query band value for "${name}" is ${valueLength} characters long; the limit is ${QUERY_BAND_LIMITS.value}`);
+  }
+  const key = name.toLowerCase();
+  if (seen.has(key)) bad(`query band name "${name}" appears more than once`);
+  seen.add(key);
+  name = RESERVED.get(key) ?? name;
+  if (name === 'ProxyUser') proxyUserOf(value);
+  if (name === 'ProxyRole') proxyRoleOf(value);
+  pairs.push([name, value]);
+  return rest;
 }
 
 /**
