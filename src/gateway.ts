@@ -310,7 +310,7 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
 
   showClients(): AdminTable {
     return {
-      columns: ['id', 'user', 'database', 'state', 'addr', 'tls', 'application_name', 'server', 'pinned', 'connect_time', 'queries'],
+      columns: ['id', 'user', 'database', 'state', 'addr', 'tls', 'application_name', 'server', 'pinned', 'proxy_user', 'proxy_role', 'connect_time', 'queries'],
       rows: [...this.sessions].map((s) => [
         s.id,
         s.user,
@@ -321,9 +321,18 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
         s.applicationName,
         s.server?.id ?? null,
         s.pinnedReason,
+        s.proxy?.proxyUser ?? null,
+        s.proxy?.roleLabel ?? null,
         new Date(s.connectedAt).toISOString(),
         s.stats.queries,
       ]),
+    };
+  }
+
+  showTrust(): AdminTable {
+    return {
+      columns: ['database', 'ready', 'installed', 'rules_version', 'trusted_users', 'proxy_rules', 'trust_only'],
+      rows: this.rules.list().map((r) => [r.dbname, r.ready, !r.notInstalled, r.version, r.summary.trustedUsers, r.summary.proxyRules, r.summary.trustOnly]),
     };
   }
 

@@ -187,6 +187,26 @@ for (const mode of ['transaction', 'session'] as const) {
       assert.equal((await admin.query('REVOKE CONNECT THROUGH app_tier WITH TRUST ONLY')).command, 'REVOKE');
     });
 
+    it('shows the rules cache and each client\'s proxy in the admin console', async () => {
+      await app.query("SET QUERY_BAND = 'ProxyUser=bob_from_web;ProxyRole=web_reader;' FOR SESSION");
+      await app.query('SELECT 1');
+      const consoleClient = new pg.Client(stack.clientConfig('app', 'trustgate'));
+      await consoleClient.connect();
+      try {
+        const trust = (await consoleClient.query('SHOW TRUST')).rows;
+        const row = trust.find((r) => r.database === 'postgres');
+        assert.ok(row, JSON.stringify(trust));
+        assert.equal(row.ready, 'true');
+        assert.equal(row.installed, 'true');
+        assert.ok(Number(row.trusted_users) >= 1 && Number(row.proxy_rules) >= 3, JSON.stringify(row));
+        const clients = (await consoleClient.query('SHOW CLIENTS')).rows.filter((r) => r.user === 'app_tier');
+        assert.ok(clients.some((r) => r.proxy_user === 'bob_from_web' && r.proxy_role === 'web_reader'), JSON.stringify(clients));
+      } finally {
+        await consoleClient.end();
+        await app.query('SET QUERY_BAND = NONE FOR SESSION');
+      }
+    });
+
     it('makes a revoked rule fail the next request of an open session', async () => {
       await admin.query('GRANT CONNECT THROUGH app_tier TO PERMANENT dave WITHOUT ROLE');
       await app.query("SET QUERY_BAND = 'ProxyUser=dave;' FOR SESSION");

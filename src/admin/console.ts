@@ -18,6 +18,7 @@ export interface AdminTarget {
   showServers(): AdminTable;
   showStats(): AdminTable;
   showConfig(): AdminTable;
+  showTrust(): AdminTable;
   version(): string;
   reload(): void;
   shutdown(): void;
@@ -31,6 +32,7 @@ const HELP: AdminTable = {
     ['SHOW SERVERS', 'server connections'],
     ['SHOW STATS', 'counters per pool'],
     ['SHOW CONFIG', 'effective configuration'],
+    ['SHOW TRUST', 'CONNECT THROUGH rules cached per database (trusted sessions)'],
     ['SHOW VERSION', 'trustgate version'],
     ['RELOAD', 'reread the configuration file without dropping connections'],
     ['SHUTDOWN', 'drain clients and stop the gateway'],
@@ -72,6 +74,8 @@ function dispatch(words: string[], target: AdminTarget): Buffer[] {
         return table(target.showStats(), 'SHOW');
       case 'CONFIG':
         return table(target.showConfig(), 'SHOW');
+      case 'TRUST':
+        return table(target.showTrust(), 'SHOW');
       case 'VERSION':
         return table({ columns: ['version'], rows: [[target.version()]] }, 'SHOW');
       case 'HELP':

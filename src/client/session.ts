@@ -187,6 +187,11 @@ export class ClientSession implements PoolWaiter {
     this.framer = new MessageFramer(ctx.config.limits.max_message_bytes);
   }
 
+  /** The proxy in force for the next request (admin console). */
+  get proxy(): { proxyUser: string; roleLabel: string | null } | null {
+    return this.trust?.identity().grant ?? null;
+  }
+
   get state(): string {
     if (this.phase !== Phase.Ready) return ['prologue', 'auth', 'ready', 'closed'][this.phase];
     if (this.waitingForServer) return 'waiting';

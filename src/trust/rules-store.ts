@@ -63,6 +63,17 @@ export class RulesStore implements RulesSource {
     return this.rules.get(trustedUser);
   }
 
+  /** Counts for the admin console (SHOW TRUST). */
+  get summary(): { trustedUsers: number; proxyRules: number; trustOnly: number } {
+    let proxyRules = 0;
+    let trustOnly = 0;
+    for (const r of this.rules.values()) {
+      proxyRules += r.proxies.size;
+      if (r.trustOnly) trustOnly++;
+    }
+    return { trustedUsers: this.rules.size, proxyRules, trustOnly };
+  }
+
   get key(): Buffer | null {
     return this.identityKey;
   }
@@ -218,6 +229,10 @@ export class RulesRegistry {
     let store = this.stores.get(key);
     if (!store) this.stores.set(key, (store = new RulesStore(endpoint, dbname, this.credentials, this.log)));
     return store;
+  }
+
+  list(): RulesStore[] {
+    return [...this.stores.values()];
   }
 
   /** New control credentials (reload): stores reconnect with them. */
