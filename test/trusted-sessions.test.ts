@@ -8,7 +8,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
 import { preparePostgres, startGateway, stackOf, type Stack } from './helpers/stack.js';
-import { setupTrustWorld, STORY_GRANTS } from './helpers/trust.js';
+import { setupTrustWorld, STORY_GRANTS, TRUST_USERS } from './helpers/trust.js';
 import { withProxy } from '../src/index.js';
 
 async function client(stack: Stack, user: string): Promise<pg.Client> {
@@ -218,3 +218,41 @@ for (const mode of ['transaction', 'session'] as const) {
     });
   });
 }
+
+describe('trusted sessions across a PostgreSQL restart', () => {
+  it('keeps the session band, reloads the rules and switches the new server connections', async () => {
+    const db = await preparePostgres();
+    await setupTrustWorld(db);
+    const { gw, logs } = await startGateway(db, { pool: { mode: 'transaction', default_size: 2, wait_timeout_ms: 20_000, health_check_after_ms: 0 } });
+    const stack = stackOf(db, gw, logs, true);
+    try {
+      const admin = await client(stack, 'secadm');
+      await admin.query(STORY_GRANTS[0]);
+      await admin.end();
+      const app = await client(stack, 'app_tier');
+      await app.query("SET QUERY_BAND = 'ProxyUser=alice;' FOR SESSION");
+      assert.equal((await one(app, WHO)).cu, 'alice');
+      await db.restart();
+      // The rules store reconnects and reloads; the session's next request runs as alice again
+      // on a new server connection (a fresh backend, so a fresh switch).
+      const after = await one(app, WHO);
+      assert.deepEqual(after, { cu: 'alice', su: 'app_tier', pu: 'alice', pr: null, qb: 'ProxyUser=alice;' });
+      // A rule change made directly in PostgreSQL (not through this gateway) still reaches the
+      // session: only the NOTIFY tells the gateway, so its LISTEN was re-established.
+      const revoke = JSON.stringify({ kind: 'revoke-permanent', trustedUser: 'app_tier', users: ['alice'], roles: [] });
+      await db.query('CALL trustgate.apply_connect_through($1::jsonb)', [revoke], { user: 'secadm', password: TRUST_USERS.secadm });
+      let refusal: string | undefined;
+      for (let i = 0; i < 100 && !refusal; i++) {
+        refusal = await app.query('SELECT 1').then(
+          () => undefined,
+          (err: Error & { code?: string }) => `${err.code} ${err.message}`,
+        );
+        if (!refusal) await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.match(String(refusal), /^42501 .*alice/);
+      await app.end();
+    } finally {
+      await stack.stop();
+    }
+  });
+});
