@@ -67,6 +67,7 @@ import { findIdentityTamper, type TamperContext } from '../trust/tamper.js';
 import { mayHaveTrustedMarking, splitTrustedMarking, trustKeyMatches } from '../trust/trusted-request.js';
 import { identityMac, identityToken, NO_IDENTITY, SWITCH_MEMBER_SQL, SWITCH_MEMBER_STATEMENT, SWITCH_SQL, SWITCH_STATEMENT, UNKNOWN_IDENTITY_KEY, type Identity } from '../trust/identity.js';
 import { connectThroughCallSql, dollarQuote, raiseSql } from '../trust/server-sql.js';
+import { codePointLength } from '../trust/sql-text.js';
 import type { SessionContext } from './context.js';
 import { completes, Expect, ReplyAction, ReplyQueue } from './reply-queue.js';
 import { evictOldest, statementServerName, StatementBooks, usePrepared, type ClientStatement, type StatementUndo } from './statement-books.js';
@@ -699,7 +700,7 @@ export class ClientSession implements PoolWaiter {
     const prefix =
       `SELECT pg_catalog.set_config('role', ${role}, true), pg_catalog.set_config('trustgate.identity', ${dollarQuote(token)}, true), ` +
       `pg_catalog.set_config('trustgate.identity_mac', ${dollarQuote(mac)}, true);`;
-    this.bandLedShift = codePoints(prefix) - codePoints(statement);
+    this.bandLedShift = codePointLength(prefix) - codePointLength(statement);
     this.bandLedSwitchDone = false;
     this.noteSql(rest);
     this.sendMessage(queryMessage(prefix + rest), Expect.Query, ReplyAction.BandLed, null, commandComplete('SET'));
@@ -747,16 +748,11 @@ export class ClientSession implements PoolWaiter {
       const tampered = this.tamperReason(rest);
       return tampered ? this.refuse(tampered, true) : this.sendBandLed(statement, rest);
     }
-    const grant = this.trust!.identity().grant;
-    if (simple && grant?.memberCheck && this.server) {
+    if (simple && this.trust!.identity().grant?.memberCheck && this.server) {
       // Only PostgreSQL knows whether the proxy user may SET that role: switch now, so a refusal
       // answers this statement and the band is put back (Teradata checks ProxyRole at SET time).
-      const server = this.server;
-      if (this.needsCleanup) this.cleanup(server);
-      const local = stmt.scope === 'transaction';
-      this.emitSwitch(server, this.trust!.identity(), local);
-      server.identityKey = this.trust!.identity().key;
-      if (!local) server.sessionIdentityKey = server.identityKey;
+      if (this.needsCleanup) this.cleanup(this.server);
+      this.switchTo(this.server, this.trust!.identity());
       this.bandSnapshot = before;
       this.synthetic(commandComplete('SET'));
       this.sendMessage(syncMessage(), Expect.Sync, ReplyAction.Forward, null, BAND_CHECK_MARK);
@@ -807,18 +803,33 @@ export class ClientSession implements PoolWaiter {
     if (this.needsCleanup) this.cleanup(server);
     const refusal = trust.refused;
     if (refusal) return this.refuse(refusal, simple);
-    const want = trust.identity();
+    // Known to be inside a transaction block only when nothing is in flight and the server said so.
+    const maybeOutsideBlock = server.txStatus === TxStatus.Idle || !this.replies.empty;
+    if (!this.switchTo(server, trust.identity())) return Outcome.Forward;
+    if (simple && maybeOutsideBlock) {
+      // Maybe outside a transaction block: the switch gets its own Sync and the query waits for it.
+      this.sendMessage(syncMessage(), Expect.Sync, ReplyAction.Swallow, null, SWITCH_SYNC_MARK);
+      this.pendingSyncs++;
+      return this.holdUntilDrained(buf, start, end);
+    }
+    return Outcome.ForwardSwitched;
+  }
+
+  /**
+   * Sends what makes `server` run as `want` (nothing if it does already): the session-level
+   * identity, and for a transaction band the band's identity on top with is_local. Returns whether
+   * anything was sent.
+   */
+  private switchTo(server: ServerConnection, want: Identity): boolean {
     // Tokens signed with a rotated identity key no longer verify: switch again.
     if (server.identityTokensFor !== this.rules!.key && server.identityTokens.size > 0) {
       forgetIdentity(server);
       server.identityTokens.clear();
       server.identityTokensFor = this.rules!.key;
     }
-    if (server.identityKey === want.key) return Outcome.Forward;
-    // Known to be inside a transaction block only when nothing is in flight and the server said so.
-    const maybeOutsideBlock = server.txStatus === TxStatus.Idle || !this.replies.empty;
+    if (server.identityKey === want.key) return false;
     if (want.transactionBand !== null) {
-      const base = trust.identityOutsideTransaction();
+      const base = this.trust!.identityOutsideTransaction();
       if (server.sessionIdentityKey !== base.key) {
         this.emitSwitch(server, base, false);
         server.sessionIdentityKey = base.key;
@@ -829,13 +840,7 @@ export class ClientSession implements PoolWaiter {
       server.sessionIdentityKey = want.key;
     }
     server.identityKey = want.key;
-    if (simple && maybeOutsideBlock) {
-      // Maybe outside a transaction block: the switch gets its own Sync and the query waits for it.
-      this.sendMessage(syncMessage(), Expect.Sync, ReplyAction.Swallow, null, SWITCH_SYNC_MARK);
-      this.pendingSyncs++;
-      return this.holdUntilDrained(buf, start, end);
-    }
-    return Outcome.ForwardSwitched;
+    return true;
   }
 
   private emitSwitch(server: ServerConnection, identity: Identity, local: boolean): void {
@@ -1506,9 +1511,6 @@ function* backlogTypes(runs: Buffer[]): Generator<number> {
 
 function noop(): void {}
 
-/** Client-only encodings whose multibyte characters can contain ASCII bytes such as a quote. */
-const UNSAFE_ENCODINGS = new Set(['SJIS', 'SHIFT_JIS_2004', 'BIG5', 'GBK', 'UHC', 'GB18030', 'JOHAB']);
-
 /** A refusal raised by the gateway's DO block, without the CONTEXT line naming that block. */
 function withoutContext(buf: Buffer, start: number, end: number): Buffer {
   const fields = decodeNoticeFields(buf, start, end);
@@ -1525,12 +1527,10 @@ function firstSignificantChar(sql: string): string {
   return '';
 }
 
-function codePoints(text: string): number {
-  let n = 0;
-  for (const _ of text) n++;
-  return n;
-}
+/** Client-only encodings whose multibyte characters can contain ASCII bytes such as a quote. */
+const UNSAFE_ENCODINGS = new Set(['SJIS', 'SHIFT_JIS_2004', 'BIG5', 'GBK', 'UHC', 'GB18030', 'JOHAB']);
 
+/** Would the server read SQL text differently from the parser that checks it? */
 function lexesDifferently(params: Map<string, string>): boolean {
   return params.get('standard_conforming_strings') === 'off' || UNSAFE_ENCODINGS.has((params.get('client_encoding') ?? '').toUpperCase());
 }

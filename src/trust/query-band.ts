@@ -30,7 +30,7 @@
  *   `pairs` keeps the value as written; `proxyUser` / `proxyRole` hold the normalised role name.
  */
 
-import { fitsIdentifier, foldIdentifier, skipTrivia, startsWithStatement } from './sql-text.js';
+import { codePointLength, fitsIdentifier, foldIdentifier, skipTrivia, startsWithStatement } from './sql-text.js';
 
 export const QUERY_BAND_LIMITS = { name: 128, value: 256, band: 4096 } as const;
 
@@ -237,7 +237,6 @@ function parseSetQueryBandUncached(sql: string): SetQueryBand {
 // ---------------------------------------------------------------------------------------------
 // Band level
 
-const charLength = (s: string): number => [...s].length;
 const bad = (message: string): never => {
   throw new QueryBandError('22023', message);
 };
@@ -286,7 +285,7 @@ function checkBandLength(length: number): void {
 
 /** Parses the text inside the quotes: `name=value;` pairs. Throws QueryBandError (22023). */
 export function parseBand(text: string): QueryBand {
-  checkBandLength(charLength(text));
+  checkBandLength(codePointLength(text));
   if (text.trim() === '') bad('query band is empty (use NONE to remove a band)');
   const pairs: Array<[string, string]> = [];
   const seen = new Set<string>();
@@ -322,7 +321,7 @@ function parsePair(rest: string, pairs: Array<[string, string]>, seen: Set<strin
   if (value === '') bad(`query band name "${name}" has an empty value`);
   if (value.includes('=')) bad(`query band value for "${name}" contains '='`);
   if (/[\u0000-\u001f\u007f]/.test(value)) bad(`query band value for "${name}" contains a control character`);
-  const valueLength = charLength(value);
+  const valueLength = codePointLength(value);
   if (valueLength > QUERY_BAND_LIMITS.value) {
     bad(`query band value for "${name}" is ${valueLength} characters long; the limit is ${QUERY_BAND_LIMITS.value}`);
   }
@@ -348,7 +347,7 @@ export function mergeBand(session: QueryBand | null, update: QueryBand): QueryBa
     if (existing) existing[1] = value;
     else pairs.push([name, value]);
   }
-  checkBandLength(charLength(pairs.map(([n, v]) => `${n}=${v};`).join('')));
+  checkBandLength(codePointLength(pairs.map(([n, v]) => `${n}=${v};`).join('')));
   return makeBand(pairs);
 }
 

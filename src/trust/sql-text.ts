@@ -42,3 +42,10 @@ export function foldIdentifier(word: string): string {
 export function fitsIdentifier(name: string): boolean {
   return Buffer.byteLength(name) <= MAX_IDENTIFIER_BYTES;
 }
+
+/** Length in Unicode code points (PostgreSQL counts characters, not UTF-16 units). */
+export function codePointLength(text: string): number {
+  let n = 0;
+  for (const _ of text) n++;
+  return n;
+}

@@ -55,20 +55,25 @@ export class TrustedSession {
 
   /** The identity for the next request (in a transaction: with its band), after rule changes. */
   identity(): Identity {
-    if (this.rulesVersion !== this.rules.version) this.revalidate();
+    this.catchUp();
     return this.current;
   }
 
   /** The identity outside any transaction (what session-level settings hold). */
   identityOutsideTransaction(): Identity {
-    if (this.rulesVersion !== this.rules.version) this.revalidate();
+    this.catchUp();
     return this.sessionIdentity;
   }
 
   /** The error every request gets while the proxy in force is no longer allowed. */
   get refused(): PgError | null {
-    if (this.rulesVersion !== this.rules.version) this.revalidate();
+    this.catchUp();
     return this.refusal;
+  }
+
+  /** Rules changed since the proxy was last checked: check it again (cheap when they did not). */
+  private catchUp(): void {
+    if (this.rulesVersion !== this.rules.version) this.revalidate();
   }
 
   /**
