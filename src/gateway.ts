@@ -19,7 +19,6 @@ import { cancelRequest } from './protocol/frontend.js';
 import { createClientTlsContext } from './tls/context.js';
 import { runAdminCommand, type AdminTable, type AdminTarget } from './admin/console.js';
 import { loadSqlParser } from './sql/classify.js';
-import { loadTamperParser } from './trust/tamper.js';
 import { RulesRegistry, type ControlCredentials, type RulesStore } from './trust/rules-store.js';
 
 export const VERSION = '0.1.0';
@@ -68,7 +67,6 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
 
   async start(): Promise<void> {
     await loadSqlParser();
-    await loadTamperParser();
     const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
     await new Promise<void>((resolve, reject) => {

@@ -33,7 +33,7 @@ const ADVISORY_SESSION_LOCKS = new Set([
 
 let loaded: Promise<void> | null = null;
 
-/** Loads the parser (WebAssembly) once; call before classifySql. */
+/** Loads the parser (WebAssembly) once; call before classifySql and findIdentityTamper. */
 export function loadSqlParser(): Promise<void> {
   loaded ??= loadModule();
   return loaded;

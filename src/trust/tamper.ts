@@ -64,7 +64,7 @@
  * caught by keywords (`aggregate`, `operator`, `type`, `search`). Findings are cached per SQL text
  * as a small set of categories (the decision depends on the session's context, the facts do not).
  */
-import { loadModule, parsePlPgSQLSync, parseSync, scanSync } from 'libpg-query';
+import { parsePlPgSQLSync, parseSync, scanSync } from 'libpg-query';
 import { foldIdentifier } from './sql-text.js';
 
 export interface TamperContext {
@@ -235,13 +235,7 @@ let cachedChars = 0;
 
 // ------------------------------------------------------------------------------------ API
 
-let loading: Promise<void> | null = null;
-
-/** Loads the parser (WebAssembly) once; call before findIdentityTamper. */
-export function loadTamperParser(): Promise<void> {
-  loading ??= loadModule();
-  return loading;
-}
+// The parser (WebAssembly) is loaded by loadSqlParser() in src/sql/classify.ts, at gateway start.
 
 /**
  * null if `sql` may run in this context, else a short human-readable description of what is

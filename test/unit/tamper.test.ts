@@ -3,10 +3,10 @@ import assert from 'node:assert/strict';
 import {
   clearTamperCache,
   findIdentityTamper,
-  loadTamperParser,
   tamperStats,
   type TamperContext,
 } from '../../src/trust/tamper.js';
+import { loadSqlParser } from '../../src/sql/classify.js';
 
 /** The three contexts: an ordinary user, a trusted user with no proxy, a trusted user with a proxy in force. */
 const USER: TamperContext = { trustedUser: false, proxyActive: false };
@@ -313,7 +313,7 @@ const CASES: Case[] = [
 
 describe('findIdentityTamper', () => {
   before(async () => {
-    await loadTamperParser();
+    await loadSqlParser();
   });
 
   const contexts: [keyof Omit<Case, 'sql'>, TamperContext][] = [
