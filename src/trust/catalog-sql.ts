@@ -5,12 +5,12 @@
  * A superuser runs trustCatalogSql() in the database (idempotent: safe to run again on upgrade).
  * See docs/trusted-sessions-catalog.md.
  */
-import { identitySql, sqlIdent } from './identity-sql.js';
+import { identitySql, RULES_CHANNEL, sqlIdent } from './identity-sql.js';
+
+export { RULES_CHANNEL };
 
 /** Role of the security administrators who may grant and revoke CONNECT THROUGH (Teradata's CTCONTROL). */
 export const TRUSTGATE_ADMIN_ROLE = 'trustgate_admin';
-/** NOTIFY channel: payload is the trusted user whose rules changed, or '*' (identity key rotated). */
-export const RULES_CHANNEL = 'trustgate_rules';
 
 const PINNED = 'SET search_path = pg_catalog, pg_temp';
 

@@ -9,6 +9,9 @@
  */
 
 /** A PostgreSQL identifier, always double-quoted. */
+/** NOTIFY channel: payload is the trusted user whose rules changed, or '*' (identity key rotated). */
+export const RULES_CHANNEL = 'trustgate_rules';
+
 export function sqlIdent(name: string): string {
   return `"${name.replace(/"/g, '""')}"`;
 }
@@ -79,7 +82,7 @@ AS $fn$
 BEGIN
   INSERT INTO trustgate.identity_key AS k (id, key) VALUES (1, trustgate.random_key())
     ON CONFLICT (id) DO UPDATE SET key = EXCLUDED.key, created_at = now();
-  PERFORM pg_notify('trustgate_rules', '*');
+  PERFORM pg_notify('${RULES_CHANNEL}', '*');
 END
 $fn$;
 REVOKE ALL ON FUNCTION trustgate.rotate_identity_key() FROM PUBLIC;

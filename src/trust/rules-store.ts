@@ -11,9 +11,9 @@ import { ServerConnection, type ServerEndpoint } from '../server/server-connecti
 import type { Logger } from '../log/logger.js';
 import { buildRuleSet, type ConnectRuleRow, type TrustedUserRules } from './rules.js';
 import { trustKeyFor } from './identity.js';
+import { RULES_CHANNEL } from './catalog-sql.js';
 import type { RulesSource } from './trusted-session.js';
 
-export const RULES_CHANNEL = 'trustgate_rules';
 const LOAD_RULES_SQL =
   'SELECT trusted_user, proxy_user, kind, without_role, array_to_json(roles)::text, union_role FROM trustgate.connect_rule WHERE revoked_at IS NULL';
 const LOAD_KEY_SQL = "SELECT encode(trustgate.identity_key_for_gateway(), 'hex')";
