@@ -20,6 +20,10 @@ import { createClientTlsContext } from './tls/context.js';
 import { runAdminCommand, type AdminTable, type AdminTarget } from './admin/console.js';
 import { loadSqlParser } from './sql/classify.js';
 import { RulesRegistry, type ControlCredentials, type RulesStore } from './trust/rules-store.js';
+import type { SecurityMode } from './config/schema.js';
+import { TlsAlert, type PassthroughTarget, type PrologueOptions, type PrologueResult, type TlsRoute } from './client/prologue.js';
+import { PassthroughSession } from './passthrough/passthrough-session.js';
+import { forwardSecurityMessage, type SecuritySessionCallback } from './relay/security-session.js';
 
 export const VERSION = '0.1.0';
 
@@ -31,6 +35,11 @@ export interface GatewayOptions {
   /** Log destination (default stdout). */
   logDestination?: NodeJS.WritableStream;
   logger?: Logger;
+  /**
+   * Relay mode: called for every authentication request the server sends, with the client's side
+   * of the exchange (docs/library.md). Default: forward both ways unchanged.
+   */
+  securitySession?: SecuritySessionCallback;
 }
 
 export class Gateway extends EventEmitter implements SessionContext, AdminTarget {
@@ -45,6 +54,8 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
   readonly adminDatabase = 'trustgate';
   private server: net.Server | null = null;
   private readonly sessions = new Set<ClientSession>();
+  private readonly passthroughs = new Set<PassthroughSession>();
+  readonly securitySession: SecuritySessionCallback;
   private readonly admitted = new Set<ClientSession>();
   private readonly pools = new Map<string, Pool>();
   private maintenanceTimer: NodeJS.Timeout | null = null;
@@ -61,6 +72,7 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     this.tlsContext = createClientTlsContext(config.tls);
     this.secrets = new SecretStore(config.auth.users_file, this.authQuerySettings(config), this.log);
     this.rules = new RulesRegistry(controlCredentials(this.authQuerySettings(config)), this.log);
+    this.securitySession = options.securitySession ?? forwardSecurityMessage;
   }
 
   // ------------------------------------------------------------ lifecycle
@@ -103,12 +115,14 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     this.log.info({ clients: this.sessions.size }, 'shutting down: draining clients');
     const closed = new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
     const deadline = Date.now() + timeoutMs;
-    while (this.sessions.size > 0 && Date.now() < deadline) {
+    // Passthrough sessions cannot be asked to leave (their stream is encrypted end to end): they get until the deadline.
+    while ((this.sessions.size > 0 || this.passthroughs.size > 0) && Date.now() < deadline) {
       for (const s of this.sessions) if (!s.isInTransaction) s.terminate();
-      if (this.sessions.size === 0) break;
+      if (this.sessions.size === 0 && this.passthroughs.size === 0) break;
       await new Promise((r) => setTimeout(r, 50));
     }
     for (const s of this.sessions) s.terminate();
+    for (const p of this.passthroughs) p.close();
     if (this.maintenanceTimer) clearInterval(this.maintenanceTimer);
     for (const p of this.pools.values()) p.close();
     this.secrets.close();
@@ -161,6 +175,81 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
   sessionClosed(session: ClientSession): void {
     this.sessions.delete(session);
     this.admitted.delete(session);
+  }
+
+  // ------------------------------------------------------------ security modes
+
+  securityFor(database: string, user: string): SecurityMode {
+    const cfg = this.config;
+    const mode = cfg.users[user]?.security ?? cfg.databases[database]?.security ?? cfg.databases['*']?.security;
+    if (mode) return mode;
+    return cfg.listen.security === 'relay' ? 'relay' : 'pooled';
+  }
+
+  serverFor(database: string): { endpoint: ServerEndpoint; dbname: string } {
+    const shape = this.poolShape(database);
+    return { endpoint: shape.endpoint, dbname: shape.dbname };
+  }
+
+  prologueOptions(): PrologueOptions {
+    const cfg = this.config;
+    const passthroughListener = cfg.listen.security === 'passthrough';
+    const routed = passthroughListener || Object.keys(cfg.passthrough.servers).length > 0;
+    return {
+      tlsContext: this.tlsContext,
+      requestCert: cfg.auth.method === 'cert',
+      routeTls: routed ? (serverName) => this.routeTls(serverName) : null,
+      passthroughOnly: passthroughListener,
+      gssencTarget: passthroughListener && cfg.passthrough.gssenc ? { host: cfg.server.host, port: cfg.server.port } : null,
+    };
+  }
+
+  /** SNI routing: a listed server name passes through; others depend on the listener. */
+  private routeTls(serverName: string | null): TlsRoute {
+    const cfg = this.config;
+    const target = serverName ? sniTarget(cfg.passthrough.servers, serverName) : null;
+    if (target) return { kind: 'passthrough', target };
+    if (cfg.listen.security !== 'passthrough') return { kind: 'terminate' };
+    if (cfg.passthrough.unmatched === 'server') return { kind: 'passthrough', target: { host: cfg.server.host, port: cfg.server.port } };
+    return { kind: 'refuse', alert: TlsAlert.UnrecognizedName, reason: serverName ? `no passthrough route for server name "${serverName}"` : 'the client sent no server name (SNI)' };
+  }
+
+  startPassthrough(result: Extract<PrologueResult, { kind: 'passthrough' }>): void {
+    if (this.draining) {
+      result.socket.destroy();
+      return;
+    }
+    const session = new PassthroughSession(
+      result.socket,
+      result.target,
+      result.negotiation,
+      result.serverName,
+      result.initial,
+      this.log,
+      this.config.server.connect_timeout_ms,
+      (s) => this.passthroughs.delete(s),
+    );
+    this.passthroughs.add(session);
+    session.start().catch((err) => this.log.error({ err: (err as Error).message }, 'passthrough session failed'));
+  }
+
+  /**
+   * The key of a passthrough session travels inside its TLS, so a plain CancelRequest cannot be
+   * matched here: it goes to each server with live passthrough sessions, and only the server
+   * that issued the key acts on it.
+   */
+  forwardUnknownCancel(processId: number, secretKey: Buffer): number {
+    const targets = new Map<string, PassthroughTarget>();
+    for (const p of this.passthroughs) if (p.state === 'spliced') targets.set(`${p.target.host}:${p.target.port}`, p.target);
+    for (const t of targets.values()) this.sendCancelTo(t, processId, secretKey);
+    return targets.size;
+  }
+
+  sendCancelTo(endpoint: PassthroughTarget, processId: number, secretKey: Buffer): void {
+    const socket = net.connect({ host: endpoint.host, port: endpoint.port });
+    socket.once('error', (err) => this.log.warn({ server: `${endpoint.host}:${endpoint.port}`, err: err.message }, 'cancel request failed'));
+    socket.setTimeout(this.config.server.connect_timeout_ms, () => socket.destroy());
+    socket.once('connect', () => socket.end(cancelRequest(processId, secretKey)));
   }
 
   // ------------------------------------------------------------ routing and pools
@@ -397,6 +486,12 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
 /** Creates a gateway from a config object (validated; defaults applied). Call start() next. */
 export function createGateway(config: ConfigInput | Config, options: GatewayOptions = {}): Gateway {
   return new Gateway(parseConfig(config), options);
+}
+
+function sniTarget(servers: Config['passthrough']['servers'], serverName: string): PassthroughTarget | null {
+  const name = serverName.toLowerCase();
+  for (const [k, v] of Object.entries(servers)) if (k.toLowerCase() === name) return v;
+  return null;
 }
 
 /** The control role reading CONNECT THROUGH rules is the auth role (`auth.user`). */

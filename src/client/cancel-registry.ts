@@ -10,6 +10,8 @@ export interface Cancellable {
 
 export class CancelRegistry {
   private readonly byPid = new Map<number, { key: Buffer; target: Cancellable }>();
+  /** Keys issued by servers to relayed sessions (the client holds the server's own key). */
+  private readonly external = new Map<number, { key: Buffer; target: Cancellable }[]>();
 
   /** Issues a fresh key; `keyLength` is 4 for protocol 3.0 and up to 256 for 3.2. */
   register(target: Cancellable, keyLength = 4): { processId: number; secretKey: Buffer } {
@@ -25,15 +27,33 @@ export class CancelRegistry {
     this.byPid.delete(processId);
   }
 
+  /** Registers a key the gateway did not make (a server's); several servers may use one pid. */
+  registerExternal(processId: number, secretKey: Buffer, target: Cancellable): void {
+    const list = this.external.get(processId) ?? [];
+    list.push({ key: secretKey, target });
+    this.external.set(processId, list);
+  }
+
+  unregisterExternal(processId: number, target: Cancellable): void {
+    const list = this.external.get(processId)?.filter((e) => e.target !== target) ?? [];
+    if (list.length > 0) this.external.set(processId, list);
+    else this.external.delete(processId);
+  }
+
   /** Returns true when the key matched (the request is then acted on). */
   cancel(processId: number, secretKey: Buffer): boolean {
     const entry = this.byPid.get(processId);
-    if (!entry || entry.key.length !== secretKey.length || !timingSafeEqual(entry.key, secretKey)) return false;
-    entry.target.cancelRunningQuery();
+    const hit = entry && keyMatches(entry.key, secretKey) ? entry : this.external.get(processId)?.find((e) => keyMatches(e.key, secretKey));
+    if (!hit) return false;
+    hit.target.cancelRunningQuery();
     return true;
   }
 
   get size(): number {
     return this.byPid.size;
   }
+}
+
+function keyMatches(key: Buffer, candidate: Buffer): boolean {
+  return key.length === candidate.length && timingSafeEqual(key, candidate);
 }

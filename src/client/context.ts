@@ -8,6 +8,10 @@ import type { Pool } from '../pool/pool.js';
 import type { ServerConnection } from '../server/server-connection.js';
 import type { ClientSession } from './session.js';
 import type { RulesStore } from '../trust/rules-store.js';
+import type { SecurityMode } from '../config/schema.js';
+import type { PrologueOptions, PrologueResult } from './prologue.js';
+import type { SecuritySessionCallback } from '../relay/security-session.js';
+import type { ServerEndpoint } from '../server/server-connection.js';
 
 export interface SessionContext {
   readonly config: Config;
@@ -29,4 +33,17 @@ export interface SessionContext {
   runAdminCommand(sql: string, session: ClientSession): Buffer;
   /** Sends a CancelRequest for `server` on a new connection. */
   sendCancel(server: ServerConnection): void;
+  /** Sends a CancelRequest with this key to an endpoint (relayed sessions: the server's own key). */
+  sendCancelTo(endpoint: Pick<ServerEndpoint, 'host' | 'port'>, processId: number, secretKey: Buffer): void;
+  /** A cancel key the gateway did not issue: sent to the servers of live passthrough sessions; returns how many. */
+  forwardUnknownCancel(processId: number, secretKey: Buffer): number;
+  /** The security mode of a (database, user) route after TLS was settled: pooled or relay. */
+  securityFor(database: string, user: string): SecurityMode;
+  /** The server and its database name behind a client database name. */
+  serverFor(database: string): { endpoint: ServerEndpoint; dbname: string };
+  /** The embedder's security-session callback (relay mode). */
+  readonly securitySession: SecuritySessionCallback;
+  prologueOptions(): PrologueOptions;
+  /** Takes over a connection the prologue routed to TLS passthrough. */
+  startPassthrough(result: Extract<PrologueResult, { kind: 'passthrough' }>): void;
 }

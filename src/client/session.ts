@@ -50,14 +50,18 @@ import {
   rewriteParse,
 } from '../protocol/frontend.js';
 import { PgError, SqlState } from '../protocol/sqlstate.js';
-import { runPrologue, type StartupMessage } from './prologue.js';
+import { ConnectionRefused, runPrologue, type StartupMessage } from './prologue.js';
+import { splice } from '../passthrough/splice.js';
+import { relayLogin } from '../relay/relay-login.js';
+import { SecuritySessionRefusal } from '../relay/security-session.js';
+import { startupMessage } from '../protocol/frontend.js';
 import { OutBatch } from './out-batch.js';
 import { paramSyncSql, startupParamsToSet } from './startup-params.js';
 import { isFatal, isKnownFrontendType, toPgError, unknownType } from './client-errors.js';
 import { authenticateClient, type AuthChannel } from '../auth/client-auth.js';
 import { classifySql } from '../sql/classify.js';
 import { nextConnectionId, type Logger } from '../log/logger.js';
-import { clearAppliedParams, type ServerConnection } from '../server/server-connection.js';
+import { clearAppliedParams, ServerConnectError, type ServerConnection } from '../server/server-connection.js';
 import { TRANSACTION_MODE_RESET, type Pool, type PoolWaiter } from '../pool/pool.js';
 import { TrustedSession, type TxState } from '../trust/trusted-session.js';
 import type { RulesStore } from '../trust/rules-store.js';
@@ -77,6 +81,8 @@ const enum Phase {
   Auth,
   Ready,
   Closed,
+  /** Relay forward mode: spliced to the server connection, nothing parsed. */
+  Spliced,
 }
 
 /** Bytes a client may queue while waiting for a server connection before it is paused. */
@@ -177,6 +183,8 @@ export class ClientSession implements PoolWaiter {
   private authReceive: ((m: { type: number; buf: Buffer; start: number; end: number }) => void) | null = null;
   private authQueue: { type: number; buf: Buffer; start: number; end: number }[] = [];
   stats = { queries: 0, bytesIn: 0, bytesOut: 0 };
+  /** The server connection a relayed session is spliced to (forward mode). */
+  private spliced: ServerConnection | null = null;
 
   constructor(
     socket: Socket,
@@ -194,7 +202,7 @@ export class ClientSession implements PoolWaiter {
   }
 
   get state(): string {
-    if (this.phase !== Phase.Ready) return ['prologue', 'auth', 'ready', 'closed'][this.phase];
+    if (this.phase !== Phase.Ready) return ['prologue', 'auth', 'ready', 'closed', 'relayed'][this.phase];
     if (this.waitingForServer) return 'waiting';
     return this.server ? 'active' : 'idle';
   }
@@ -207,16 +215,26 @@ export class ClientSession implements PoolWaiter {
       this.fatal(new PgError(SqlState.ProtocolViolation, 'canceling authentication due to timeout', 'FATAL'));
     }, this.ctx.config.limits.startup_timeout_ms);
     try {
-      const result = await runPrologue(this.socket, { tlsContext: this.ctx.tlsContext, requestCert: this.ctx.config.auth.method === 'cert' });
+      const result = await runPrologue(this.socket, this.ctx.prologueOptions());
       if (this.phase === Phase.Closed) return;
       if (result.kind === 'cancel') {
         this.clearStartupTimer();
-        const matched = this.ctx.cancels.cancel(result.cancel.processId, result.cancel.secretKey);
-        this.log.info({ remote: this.remote, matched }, 'cancel request');
+        const { processId, secretKey } = result.cancel;
+        const matched = this.ctx.cancels.cancel(processId, secretKey);
+        // A key the gateway did not issue may belong to a passthrough session (inside its TLS).
+        const forwarded = matched ? 0 : this.ctx.forwardUnknownCancel(processId, secretKey);
+        this.log.info({ remote: this.remote, matched, forwarded }, 'cancel request');
         this.phase = Phase.Closed;
         result.socket.destroy();
         // Forget the session, or every cancel request leaks one and stop() waits for it.
         this.ctx.sessionClosed(this);
+        return;
+      }
+      if (result.kind === 'passthrough') {
+        this.clearStartupTimer();
+        this.phase = Phase.Closed;
+        this.ctx.sessionClosed(this);
+        this.ctx.startPassthrough(result);
         return;
       }
       if (result.socket !== this.socket) {
@@ -227,6 +245,12 @@ export class ClientSession implements PoolWaiter {
       this.tls = result.tls;
       await this.login(result.startup, result.leftover);
     } catch (err) {
+      if (err instanceof ConnectionRefused) {
+        // The client expects TLS: it got an alert (or nothing) and the socket is closed.
+        this.log.warn({ remote: this.remote, reason: err.message }, 'connection refused during TLS negotiation');
+        this.close();
+        return;
+      }
       this.fatal(toPgError(err));
     }
   }
@@ -259,6 +283,13 @@ export class ClientSession implements PoolWaiter {
     if (!this.ctx.admitClient(this)) {
       throw new PgError(SqlState.TooManyConnections, `sorry, too many clients already (max_client_connections = ${cfg.pool.max_client_connections})`, 'FATAL');
     }
+    this.admin = this.database === this.ctx.adminDatabase;
+    const relayed = !this.admin && this.ctx.securityFor(this.database, this.user) === 'relay';
+    if (relayed && cfg.relay.after_auth === 'forward') {
+      // The server negotiates the protocol version with the client itself.
+      await this.loginRelayed(startup, leftover);
+      return;
+    }
     // Protocol 3.0 and 3.2 are spoken; other minors and all _pq_ options are declined.
     // 3.1 was never used by PostgreSQL: a client asking for it gets 3.0; 3.3 and later get 3.2.
     this.protocolMinor = startup.minor >= 2 ? 2 : 0;
@@ -271,26 +302,20 @@ export class ClientSession implements PoolWaiter {
 
     // Authentication messages are read through the framer from here on.
     this.phase = Phase.Auth;
-    this.socket.on('data', (chunk: Buffer) => this.onClientData(chunk));
+    this.socket.on('data', this.onClientChunk);
     if (leftover) this.onClientData(leftover);
     this.socket.resume();
 
-    this.admin = this.database === this.ctx.adminDatabase;
+    if (relayed) {
+      await this.loginRelayed(startup, null);
+      return;
+    }
     if (this.admin && !cfg.admin_users.includes(this.user)) {
       throw new PgError(SqlState.InsufficientPrivilege, `user "${this.user}" is not allowed to use the admin console`, 'FATAL');
     }
     if (cfg.auth.method === 'cert') this.checkClientCertificate();
     const secret = cfg.auth.method === 'trust' || cfg.auth.method === 'cert' ? null : await this.lookupSecret();
-    const channel: AuthChannel = {
-      send: (m) => this.socket.write(m),
-      receive: () =>
-        new Promise((resolve) => {
-          const next = this.authQueue.shift();
-          if (next) resolve(next);
-          else this.authReceive = resolve;
-        }),
-    };
-    const credentials = await authenticateClient(channel, cfg.auth.method, this.user, secret);
+    const credentials = await authenticateClient(this.authChannel(), cfg.auth.method, this.user, secret);
     if ((this.phase as Phase) === Phase.Closed) return;
     this.log.info({ user: this.user, db: this.database, method: cfg.auth.method }, 'client authenticated');
 
@@ -299,22 +324,131 @@ export class ClientSession implements PoolWaiter {
       this.replayAuthQueue();
       return;
     }
+    const pool = this.joinPool();
+    if (credentials.scramKeys || credentials.md5Hash || credentials.password !== undefined) pool.credentials = credentials;
+    // Borrow a server once at login: it proves the server accepts this user and database,
+    // applies the client's startup parameters (errors surface as FATAL like on a direct login),
+    // and gives the parameter values reported to the client.
+    this.startPooled();
+    if ((this.phase as Phase) === Phase.Closed) return;
+    pool.acquire(this);
+  }
+
+  private readonly onClientChunk = (chunk: Buffer): void => this.onClientData(chunk);
+
+  /** The conversation with the client while it authenticates (its messages come through the framer). */
+  private authChannel(): AuthChannel {
+    return {
+      send: (m) => this.socket.write(m),
+      receive: () =>
+        new Promise((resolve) => {
+          const next = this.authQueue.shift();
+          if (next) resolve(next);
+          else this.authReceive = resolve;
+        }),
+    };
+  }
+
+  private joinPool(): Pool {
     const pool = this.ctx.poolFor(this.database, this.user);
     this.pool = pool;
     this.transactionMode = pool.settings.mode === 'transaction';
     this.renameStatements = this.transactionMode;
     this.rules = this.ctx.rulesFor(pool);
     this.trust = new TrustedSession(this.user, this.rules);
-    if (credentials.scramKeys || credentials.md5Hash || credentials.password !== undefined) pool.credentials = credentials;
-    // Borrow a server once at login: it proves the server accepts this user and database,
-    // applies the client's startup parameters (errors surface as FATAL like on a direct login),
-    // and gives the parameter values reported to the client.
+    return pool;
+  }
+
+  /** Authenticated: from here on the client's messages are requests, held until a server is linked. */
+  private startPooled(): void {
     this.phase = Phase.Ready;
     this.socket.pause();
     this.waitingForServer = true;
     this.replayAuthQueue();
-    if ((this.phase as Phase) === Phase.Closed) return;
-    pool.acquire(this);
+  }
+
+  /**
+   * Relay mode (docs/security-modes.md): the server authenticates the client through us. Then
+   * either the session is spliced to that server connection (`relay.after_auth: forward`, the
+   * client's own startup packet and protocol version), or the connection joins the user's pool
+   * and the client goes on as a pooled client (`pool`).
+   */
+  private async loginRelayed(startup: StartupMessage, leftover: Buffer | null): Promise<void> {
+    const cfg = this.ctx.config;
+    const forward = cfg.relay.after_auth === 'forward';
+    const route = this.ctx.serverFor(this.database);
+    if (forward) {
+      this.phase = Phase.Auth;
+      this.socket.on('data', this.onClientChunk);
+      if (leftover) this.onClientData(leftover);
+      this.socket.resume();
+    }
+    let server: ServerConnection;
+    try {
+      server = await relayLogin({
+        endpoint: route.endpoint,
+        dbname: route.dbname,
+        user: this.user,
+        client: this.authChannel(),
+        callback: this.ctx.securitySession,
+        info: { user: this.user, database: this.database, remote: this.remote, clientTls: this.tls },
+        log: this.log,
+        timeoutMs: cfg.limits.startup_timeout_ms,
+        forward: forward ? { startupPacket: startupPacketFor(startup, route.dbname), passOn: (m) => this.socket.write(m) } : undefined,
+      });
+    } catch (err) {
+      if ((this.phase as Phase) === Phase.Closed) return;
+      if (err instanceof ServerConnectError && err.rawError) {
+        // The server's own refusal reaches the client unchanged.
+        this.log.info({ user: this.user, db: this.database, err: err.message }, 'server refused relayed login');
+        this.socket.write(err.rawError);
+        this.close();
+        return;
+      }
+      if (err instanceof SecuritySessionRefusal) throw new PgError(err.sqlState, err.message, 'FATAL');
+      if (err instanceof PgError) throw err;
+      throw new PgError(SqlState.SqlclientUnableToEstablish, `trustgate could not relay the login to the server: ${(err as Error).message}`, 'FATAL');
+    }
+    if ((this.phase as Phase) === Phase.Closed) {
+      server.destroy();
+      return;
+    }
+    this.log.info({ user: this.user, db: this.database, mode: cfg.relay.after_auth, pid: server.processId }, 'client authenticated by the server (relay)');
+    if (forward) {
+      this.spliceTo(server);
+      return;
+    }
+    const pool = this.joinPool();
+    this.startPooled();
+    if ((this.phase as Phase) === Phase.Closed) {
+      server.terminate();
+      return;
+    }
+    if (pool.adopt(server)) this.onServer(server);
+    else {
+      // The pool is full: the login proved the client to the server; a pooled connection serves it.
+      server.terminate();
+      pool.acquire(this);
+    }
+  }
+
+  /** Forward mode after a relayed login: bytes move as they are until either side closes. */
+  private spliceTo(server: ServerConnection): void {
+    this.clearStartupTimer();
+    this.phase = Phase.Spliced;
+    this.spliced = server;
+    this.socket.off('data', this.onClientChunk);
+    // Messages the client pipelined behind its last authentication answer go first.
+    for (const m of this.authQueue.splice(0)) server.socket.write(m.buf.subarray(m.start, m.end));
+    const partial = this.framer.takeBuffered();
+    if (partial) server.socket.write(partial);
+    const key = { processId: server.processId, secretKey: server.secretKey };
+    const target = { cancelRunningQuery: () => this.ctx.sendCancelTo(server.endpoint, key.processId, key.secretKey) };
+    this.ctx.cancels.registerExternal(key.processId, key.secretKey, target);
+    splice(this.socket, server.socket, () => {
+      this.ctx.cancels.unregisterExternal(key.processId, target);
+      this.close();
+    });
   }
 
   /** Messages pipelined behind the last authentication message are handled now, not dropped. */
@@ -1460,6 +1594,10 @@ export class ClientSession implements PoolWaiter {
     this.clearStartupTimer();
     if (this.cancelKey) this.ctx.cancels.unregister(this.cancelKey.processId);
     if (this.waitingForServer && this.pool) this.pool.cancelWait(this);
+    if (this.spliced) {
+      this.spliced.destroy();
+      this.spliced = null;
+    }
     const server = this.server;
     if (server) {
       this.server = null;
@@ -1488,7 +1626,8 @@ export class ClientSession implements PoolWaiter {
     if (this.phase === Phase.Closed) return;
     const level = err.code === SqlState.InvalidPassword || err.code === SqlState.ProtocolViolation ? 'warn' : 'info';
     this.log[level]({ code: err.code, err: err.message }, 'closing client connection with error');
-    if (this.socket.writable) this.socket.write(errorResponse(new PgError(err.code, err.message, 'FATAL', err.detail, err.hint)));
+    // A spliced session's stream belongs to the server: no message of ours may enter it.
+    if (this.socket.writable && this.phase !== Phase.Spliced) this.socket.write(errorResponse(new PgError(err.code, err.message, 'FATAL', err.detail, err.hint)));
     this.close();
   }
 
@@ -1500,6 +1639,13 @@ export class ClientSession implements PoolWaiter {
   get isInTransaction(): boolean {
     return this.server !== null && (this.server.txStatus !== TxStatus.Idle || this.pendingSyncs > 0);
   }
+}
+
+/** The client's startup packet as the server gets it in relay forward mode: only the database is routed. */
+function startupPacketFor(startup: StartupMessage, dbname: string): Buffer {
+  const params = new Map(startup.params);
+  params.set('database', dbname);
+  return startupMessage([...params, ...startup.options], (startup.major << 16) | startup.minor);
 }
 
 /** Message types in backlog runs (each run holds whole messages back to back). */

@@ -32,6 +32,14 @@ export const serverSchema = z
 
 export const poolModeSchema = z.enum(['session', 'transaction']);
 
+/**
+ * How a route's clients reach PostgreSQL (docs/security-modes.md): `pooled` (trustgate
+ * authenticates the client and lends pooled server connections; trusted sessions work here),
+ * `relay` (the server authenticates the client through trustgate, which holds no secret),
+ * `passthrough` (TLS end to end between client and server; trustgate only routes).
+ */
+export const securityModeSchema = z.enum(['pooled', 'relay', 'passthrough']);
+
 export const databaseSchema = z
   .object({
     /** Database name on the server; defaults to the name the client asked for. */
@@ -40,6 +48,51 @@ export const databaseSchema = z
     port: port.optional(),
     pool_mode: poolModeSchema.optional(),
     pool_size: z.number().int().min(1).optional(),
+    /** `relay` makes the server authenticate this database's clients (passthrough is chosen by SNI or listener). */
+    security: securityModeSchema.exclude(['passthrough']).optional(),
+  })
+  .strict();
+
+export const userRouteSchema = z
+  .object({
+    /** `relay` makes the server authenticate this user (wins over the database's and the listener's mode). */
+    security: securityModeSchema.exclude(['passthrough']).optional(),
+  })
+  .strict();
+
+const passthroughServerSchema = z
+  .object({
+    host: z.string().min(1),
+    port: port.default(5432),
+  })
+  .strict();
+
+export const passthroughSchema = z
+  .object({
+    /**
+     * TLS server name (SNI) → the PostgreSQL server that terminates this client's TLS itself.
+     * Names are matched case-insensitively and exactly (no wildcards).
+     */
+    servers: z.record(z.string().min(1), passthroughServerSchema).default({}),
+    /**
+     * A TLS client whose server name is missing or not in `servers`, on a `passthrough` listener:
+     * `refuse` (TLS alert unrecognized_name, connection closed) or `server` (pass it through to
+     * `server.host`:`server.port`). On other listeners such a client is served by trustgate's own TLS.
+     */
+    unmatched: z.enum(['refuse', 'server']).default('refuse'),
+    /** On a `passthrough` listener, relay GSSENCRequest to `server` (GSSAPI encryption end to end). */
+    gssenc: z.boolean().default(false),
+  })
+  .strict();
+
+export const relaySchema = z
+  .object({
+    /**
+     * After the server accepted the client: `forward` (the session is spliced to that server
+     * connection, byte for byte, until either side closes) or `pool` (the authenticated server
+     * connection joins the user's pool and the client continues as a pooled client).
+     */
+    after_auth: z.enum(['forward', 'pool']).default('forward'),
   })
   .strict();
 
@@ -118,6 +171,8 @@ export const configSchema = z
       .object({
         host: z.string().min(1).default('127.0.0.1'),
         port: port.default(6432),
+        /** Security mode of this listener's clients unless a user, database or SNI route says otherwise. */
+        security: securityModeSchema.default('pooled'),
       })
       .strict()
       .prefault({}),
@@ -128,6 +183,10 @@ export const configSchema = z
     limits: limitsSchema.prefault({}),
     /** Per-database overrides keyed by the name clients use. */
     databases: z.record(z.string(), databaseSchema).default({}),
+    /** Per-user routes keyed by user name (security mode). */
+    users: z.record(z.string(), userRouteSchema).default({}),
+    passthrough: passthroughSchema.prefault({}),
+    relay: relaySchema.prefault({}),
     /** Roles allowed to use the admin console (database `trustgate`). */
     admin_users: z.array(z.string()).default([]),
     log: z
@@ -160,3 +219,4 @@ export type Config = z.infer<typeof configSchema>;
 export type ConfigInput = z.input<typeof configSchema>;
 export type PoolMode = z.infer<typeof poolModeSchema>;
 export type DatabaseConfig = z.infer<typeof databaseSchema>;
+export type SecurityMode = z.infer<typeof securityModeSchema>;

@@ -18,6 +18,6 @@ export function createLogger(level: string, destination?: NodeJS.WritableStream)
 
 let connectionCounter = 0;
 /** Short, unique-per-process connection ids: c1, c2, … for clients; s1, s2, … for servers. */
-export function nextConnectionId(prefix: 'c' | 's'): string {
+export function nextConnectionId(prefix: 'c' | 's' | 'p'): string {
   return `${prefix}${++connectionCounter}`;
 }

@@ -67,6 +67,11 @@ export class Pool {
   /** ParameterStatus values from the most recent server login, reported to clients at startup. */
   serverParams = new Map<string, string>();
   credentials: ServerCredentials = {};
+  /**
+   * Relay mode with `after_auth: pool`: connections come only from relayed logins (the gateway
+   * holds no secret to open more); waiting clients get the next released one.
+   */
+  relayFed = false;
   closed = false;
   stats = { acquired: 0, waited: 0, waitMsTotal: 0, connectsOk: 0, connectsFailed: 0, resets: 0 };
 
@@ -243,6 +248,7 @@ export class Pool {
 
   /** Opens server connections while clients wait and the size limit allows. */
   private grow(): void {
+    if (this.relayFed && !this.credentialsKnown()) return;
     while (this.queue.length > this.connecting && this.total < this.settings.size && !this.retryTimer && !this.closed) {
       this.openOne();
     }
@@ -279,12 +285,7 @@ export class Pool {
         this.stats.connectsOk++;
         this.retryDelayMs = 250;
         this.lastConnectError = null;
-        this.all.add(server);
-        this.serverParams = new Map(server.params);
-        this.log.info({ server: server.id, db: this.database, user: this.user, pid: server.processId }, 'server connection opened');
-        server.addCloseListener(() => this.forget(server));
-        server.idleOnData = (chunk) => this.unexpectedData(server, chunk);
-        server.onData = server.idleOnData;
+        this.track(server);
         this.makeAvailable(server);
       },
       (err: ServerConnectError) => {
@@ -313,6 +314,28 @@ export class Pool {
         }
       },
     );
+  }
+
+  /**
+   * Takes in a connection a relayed login opened (already authenticated, lent to the caller at
+   * once). False when the pool is full or closed: the caller closes it.
+   */
+  adopt(server: ServerConnection): boolean {
+    if (this.closed || this.total >= this.settings.size) return false;
+    this.relayFed = true;
+    this.total++;
+    this.stats.acquired++;
+    this.track(server);
+    return true;
+  }
+
+  private track(server: ServerConnection): void {
+    this.all.add(server);
+    this.serverParams = new Map(server.params);
+    this.log.info({ server: server.id, db: this.database, user: this.user, pid: server.processId }, 'server connection opened');
+    server.addCloseListener(() => this.forget(server));
+    server.idleOnData = (chunk) => this.unexpectedData(server, chunk);
+    server.onData = server.idleOnData;
   }
 
   private forget(server: ServerConnection): void {

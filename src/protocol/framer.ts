@@ -50,6 +50,15 @@ export class MessageFramer {
     return this.parts ? this.partialFilled : this.headerFilled;
   }
 
+  /** Hands out the bytes of an unfinished message and forgets them (when the stream stops being framed). */
+  takeBuffered(): Buffer | null {
+    const held = this.parts ? Buffer.concat(this.parts) : this.headerFilled > 0 ? Buffer.from(this.header.subarray(0, this.headerFilled)) : null;
+    this.parts = null;
+    this.partialFilled = 0;
+    this.headerFilled = 0;
+    return held;
+  }
+
   push(chunk: Buffer, onMessage: MessageHandler): void {
     let pos = 0;
     const len = chunk.length;

@@ -36,8 +36,27 @@ export interface ServerEndpoint {
   connectTimeoutMs: number;
 }
 
+/**
+ * A login where the server authenticates someone else through this connection (relay mode):
+ * the gateway holds no secret, and each authentication request is answered by `authenticate`.
+ */
+export interface RelayedLogin {
+  /** Answers one authentication request (the whole 'R' message): the message to send back, or null. */
+  authenticate(request: Buffer): Promise<Buffer | null>;
+  /** Gets every other message of the login, AuthenticationOk included, as received. */
+  passOn?(message: Buffer): void;
+  /** Sent instead of the StartupMessage the connection would build (the client's own). */
+  startupPacket?: Buffer;
+  /** Bound on the whole login (a person may be typing a password). */
+  timeoutMs: number;
+  /** The caller takes the socket over after login (splice): nothing is attached to it. */
+  detach?: boolean;
+}
+
 /** A failure to open a server connection; `serverError` is set when PostgreSQL refused us. */
 export class ServerConnectError extends Error {
+  /** The server's ErrorResponse as received (relay mode passes it on unchanged). */
+  rawError?: Buffer;
   constructor(
     message: string,
     readonly serverError?: ServerError,
@@ -114,6 +133,7 @@ export class ServerConnection {
     credentials: ServerCredentials,
     startupParams: Map<string, string>,
     parentLog: Logger,
+    relay?: RelayedLogin,
   ): Promise<ServerConnection> {
     const raw = await openSocket(endpoint);
     let socket: Socket;
@@ -127,28 +147,28 @@ export class ServerConnection {
     socket.setNoDelay(true);
     const conn = new ServerConnection(socket, endpoint, database, user, parentLog);
     try {
-      await conn.login(credentials, startupParams);
+      await conn.login(credentials, startupParams, relay);
     } catch (err) {
       socket.destroy();
       throw err;
     }
     for (const [k, v] of startupParams) conn.appliedParams.set(k, v);
-    conn.attach();
+    if (!relay?.detach) conn.attach();
     return conn;
   }
 
   /** Startup and authentication, before the connection is handed out. */
-  private login(credentials: ServerCredentials, startupParams: Map<string, string>): Promise<void> {
+  private login(credentials: ServerCredentials, startupParams: Map<string, string>, relay?: RelayedLogin): Promise<void> {
     const socket = this.socket;
     const params = new Map<string, string>([
       ['user', this.user],
       ['database', this.database],
       ...startupParams,
     ]);
-    socket.write(startupMessage(params));
+    socket.write(relay?.startupPacket ?? startupMessage(params));
     let scram: ScramClientExchange | null = null;
     return new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => fail(new ServerConnectError('timeout during server login')), this.endpoint.connectTimeoutMs);
+      const timer = setTimeout(() => fail(new ServerConnectError('timeout during server login')), relay?.timeoutMs ?? this.endpoint.connectTimeoutMs);
       const framer = new MessageFramer(1 << 20);
       const fail = (err: Error) => {
         clearTimeout(timer);
@@ -160,6 +180,22 @@ export class ServerConnection {
       const onClose = (err?: Error) =>
         fail(new ServerConnectError(`server closed the connection during login${err instanceof Error ? `: ${err.message}` : ''}`));
       const handle = (type: number, buf: Buffer, start: number, end: number) => {
+        if (relay) {
+          const message = Buffer.from(buf.subarray(start, end));
+          if (type === Backend.Authentication && buf.readInt32BE(start + 5) !== AuthCode.Ok) {
+            relay.authenticate(message).then((answer) => {
+              if (answer && !socket.destroyed) socket.write(answer);
+            }, fail);
+            return;
+          }
+          if (type === Backend.ErrorResponse) {
+            const e = decodeError(buf, start, end);
+            const err = new ServerConnectError(`server refused login: ${e.message}`, e);
+            err.rawError = message;
+            throw err;
+          }
+          relay.passOn?.(message);
+        }
         switch (type) {
           case Backend.Authentication: {
             const code = buf.readInt32BE(start + 5);
