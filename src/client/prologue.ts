@@ -55,6 +55,8 @@ export interface PrologueOptions {
   passthroughOnly: boolean;
   /** Where a GSSENCRequest is relayed (passthrough listener with gssenc on); null answers N. */
   gssencTarget: PassthroughTarget | null;
+  /** Called once the client was told to start TLS: from then on no plain message may be written to the raw socket. */
+  onEncryptionStarted?: () => void;
 }
 
 /** TLS alert descriptions (RFC 8446 §6.2) sent when a TLS client is turned away. */
@@ -204,6 +206,7 @@ export async function runPrologue(socket: Socket, options: PrologueOptions): Pro
   for (;;) {
     const read = await readPacket(current, !secured);
     if ('tls' in read) {
+      options.onEncryptionStarted?.();
       // PostgreSQL 17+ direct TLS: no SSLRequest, the ClientHello comes first and must ask for ALPN "postgresql".
       const hello = await readHelloOrRefuse(current, read.tls);
       if (!hello.alpn.includes(ALPN_POSTGRESQL)) {
@@ -229,11 +232,13 @@ export async function runPrologue(socket: Socket, options: PrologueOptions): Pro
           continue;
         }
         current.write('S');
+        options.onEncryptionStarted?.();
         current = await upgradeToTls(current, options);
         secured = true;
         continue;
       }
       current.write('S');
+      options.onEncryptionStarted?.();
       const hello = await readHelloOrRefuse(current, null);
       const routed = await routeTlsClient(current, hello, 'ssl', options);
       if (routed.kind === 'passthrough') return routed;

@@ -45,11 +45,19 @@ export class PassthroughSession {
   async start(): Promise<void> {
     const t = this.target;
     this.client.on('error', () => undefined);
+    // The client may go away (e.g. a reset) while the server session is being opened: stop
+    // there, or the server connection would wait for a splice that can never notice it.
+    const onClientGone = () => {
+      if (this.state !== 'connecting') return;
+      this.server?.destroy();
+      this.closed();
+    };
+    this.client.once('close', onClientGone);
     let server: Socket;
     try {
       server = await connect(t, this.connectTimeoutMs);
     } catch (err) {
-      this.refuse(`could not connect to server ${t.host}:${t.port}: ${(err as Error).message}`);
+      if ((this.state as string) !== 'closed') this.refuse(`could not connect to server ${t.host}:${t.port}: ${(err as Error).message}`);
       return;
     }
     this.server = server;
@@ -76,10 +84,11 @@ export class PassthroughSession {
         this.client.write(Buffer.from([answer]));
       }
     } catch (err) {
-      this.refuse((err as Error).message);
+      if ((this.state as string) !== 'closed') this.refuse((err as Error).message);
       return;
     }
     if ((this.state as string) === 'closed') return;
+    this.client.off('close', onClientGone);
     this.state = 'spliced';
     this.log.info({ remote: this.remote, sni: this.serverName, server: `${t.host}:${t.port}`, negotiation: this.negotiation }, 'passthrough session started');
     splice(this.client, server, () => this.closed());

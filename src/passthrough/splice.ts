@@ -30,6 +30,11 @@ export function splice(a: Socket, b: Socket, onClosed: () => void): void {
     s.on('error', finish);
     s.once('close', () => finish());
   }
+  // A side that is already gone will never emit 'close' again: end the other one now.
+  if (a.destroyed || b.destroyed) {
+    finish();
+    return;
+  }
   a.pipe(b);
   b.pipe(a);
 }
