@@ -183,6 +183,8 @@ export class ClientSession implements PoolWaiter {
   private authReceive: ((m: { type: number; buf: Buffer; start: number; end: number }) => void) | null = null;
   private authQueue: { type: number; buf: Buffer; start: number; end: number }[] = [];
   stats = { queries: 0, bytesIn: 0, bytesOut: 0 };
+  /** The prologue told the client to start TLS: the raw socket must get no plain message. */
+  private encryptionStarted = false;
   /** The server connection a relayed session is spliced to (forward mode). */
   private spliced: ServerConnection | null = null;
 
@@ -215,7 +217,7 @@ export class ClientSession implements PoolWaiter {
       this.fatal(new PgError(SqlState.ProtocolViolation, 'canceling authentication due to timeout', 'FATAL'));
     }, this.ctx.config.limits.startup_timeout_ms);
     try {
-      const result = await runPrologue(this.socket, this.ctx.prologueOptions());
+      const result = await runPrologue(this.socket, { ...this.ctx.prologueOptions(), onEncryptionStarted: () => (this.encryptionStarted = true) });
       if (this.phase === Phase.Closed) return;
       if (result.kind === 'cancel') {
         this.clearStartupTimer();
@@ -340,11 +342,23 @@ export class ClientSession implements PoolWaiter {
   private authChannel(): AuthChannel {
     return {
       send: (m) => this.socket.write(m),
+      // Rejects when the client goes away first: a relayed login must not keep its server
+      // connection (a backend in authentication) until the startup timeout.
       receive: () =>
-        new Promise((resolve) => {
+        new Promise((resolve, reject) => {
           const next = this.authQueue.shift();
-          if (next) resolve(next);
-          else this.authReceive = resolve;
+          if (next) return resolve(next);
+          const gone = () => new Error('the client closed the connection during authentication');
+          if (this.phase === Phase.Closed || this.socket.destroyed) return reject(gone());
+          const onClose = () => {
+            this.authReceive = null;
+            reject(gone());
+          };
+          this.socket.once('close', onClose);
+          this.authReceive = (m) => {
+            this.socket.off('close', onClose);
+            resolve(m);
+          };
         }),
     };
   }
@@ -1627,7 +1641,8 @@ export class ClientSession implements PoolWaiter {
     const level = err.code === SqlState.InvalidPassword || err.code === SqlState.ProtocolViolation ? 'warn' : 'info';
     this.log[level]({ code: err.code, err: err.message }, 'closing client connection with error');
     // A spliced session's stream belongs to the server: no message of ours may enter it.
-    if (this.socket.writable && this.phase !== Phase.Spliced) this.socket.write(errorResponse(new PgError(err.code, err.message, 'FATAL', err.detail, err.hint)));
+    const mayWrite = this.phase !== Phase.Spliced && !(this.phase === Phase.Prologue && this.encryptionStarted);
+    if (this.socket.writable && mayWrite) this.socket.write(errorResponse(new PgError(err.code, err.message, 'FATAL', err.detail, err.hint)));
     this.close();
   }
 
@@ -1637,6 +1652,8 @@ export class ClientSession implements PoolWaiter {
   }
 
   get isInTransaction(): boolean {
+    // A spliced session's state is unknown to us: on shutdown it gets the whole grace period.
+    if (this.phase === Phase.Spliced) return true;
     return this.server !== null && (this.server.txStatus !== TxStatus.Idle || this.pendingSyncs > 0);
   }
 }

@@ -106,6 +106,11 @@ export function saslMechanismOf(answer: Buffer): string | null {
   if (answer.length < 6 || answer[0] !== Frontend.Password) return null;
   const end = answer.indexOf(0, 5);
   if (end < 0) return null;
+  // A SASLInitialResponse goes on with the Int32 length of its data (-1 for none); a
+  // PasswordMessage (cleartext, md5) ends at that NUL, and its text must never pass as a name.
+  if (answer.length < end + 5) return null;
+  const dataLength = answer.readInt32BE(end + 1);
+  if (dataLength !== -1 && dataLength !== answer.length - end - 5) return null;
   const name = answer.toString('utf8', 5, end);
   return /^[A-Z0-9-_]{1,20}$/.test(name) ? name : null;
 }

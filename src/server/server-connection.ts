@@ -170,7 +170,11 @@ export class ServerConnection {
     return new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => fail(new ServerConnectError('timeout during server login')), relay?.timeoutMs ?? this.endpoint.connectTimeoutMs);
       const framer = new MessageFramer(1 << 20);
+      /** Relay mode: messages are handled one after another, each waiting for the callback before it. */
+      let relayChain = Promise.resolve();
+      let settled = false;
       const fail = (err: Error) => {
+        settled = true;
         clearTimeout(timer);
         socket.off('data', onData);
         socket.off('close', onClose);
@@ -179,23 +183,34 @@ export class ServerConnection {
       };
       const onClose = (err?: Error) =>
         fail(new ServerConnectError(`server closed the connection during login${err instanceof Error ? `: ${err.message}` : ''}`));
+      // An asynchronous callback must not let later messages overtake it: AuthenticationOk and the
+      // rest of the login wait until the client has had SASLFinal, and a refusal at the last
+      // step still ends the login.
+      const relayStep = async (r: RelayedLogin, type: number, message: Buffer): Promise<void> => {
+        if (settled) return;
+        if (type === Backend.Authentication && message.readInt32BE(5) !== AuthCode.Ok) {
+          const answer = await r.authenticate(message);
+          if (answer && !settled && !socket.destroyed) socket.write(answer);
+          return;
+        }
+        if (type === Backend.ErrorResponse) {
+          const e = decodeError(message, 0, message.length);
+          const err = new ServerConnectError(`server refused login: ${e.message}`, e);
+          err.rawError = message;
+          throw err;
+        }
+        r.passOn?.(message);
+        handleLogin(type, message, 0, message.length);
+      };
       const handle = (type: number, buf: Buffer, start: number, end: number) => {
         if (relay) {
           const message = Buffer.from(buf.subarray(start, end));
-          if (type === Backend.Authentication && buf.readInt32BE(start + 5) !== AuthCode.Ok) {
-            relay.authenticate(message).then((answer) => {
-              if (answer && !socket.destroyed) socket.write(answer);
-            }, fail);
-            return;
-          }
-          if (type === Backend.ErrorResponse) {
-            const e = decodeError(buf, start, end);
-            const err = new ServerConnectError(`server refused login: ${e.message}`, e);
-            err.rawError = message;
-            throw err;
-          }
-          relay.passOn?.(message);
+          relayChain = relayChain.then(() => relayStep(relay, type, message)).catch(fail);
+          return;
         }
+        handleLogin(type, buf, start, end);
+      };
+      const handleLogin = (type: number, buf: Buffer, start: number, end: number) => {
         switch (type) {
           case Backend.Authentication: {
             const code = buf.readInt32BE(start + 5);
@@ -240,6 +255,7 @@ export class ServerConnection {
             return;
           case Backend.ReadyForQuery:
             this.txStatus = buf[start + 5];
+            settled = true;
             clearTimeout(timer);
             socket.off('data', onData);
             socket.off('close', onClose);
