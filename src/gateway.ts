@@ -20,6 +20,8 @@ import { createClientTlsContext } from './tls/context.js';
 import { runAdminCommand, type AdminTable, type AdminTarget } from './admin/console.js';
 import { loadSqlParser } from './sql/classify.js';
 import { RulesRegistry, type ControlCredentials, type RulesStore } from './trust/rules-store.js';
+import { AuditLog } from './audit/audit-log.js';
+import { resolveAuditSettings } from './audit/settings.js';
 import type { SecurityMode } from './config/schema.js';
 import { TlsAlert, type PassthroughTarget, type PrologueOptions, type PrologueResult, type TlsRoute } from './client/prologue.js';
 import { PassthroughSession } from './passthrough/passthrough-session.js';
@@ -49,6 +51,8 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
   secrets: SecretStore;
   /** CONNECT THROUGH rules per server database (trusted sessions). */
   readonly rules: RulesRegistry;
+  /** Query log and access log (docs/audit.md): sessions call audit.query() / audit.access(). */
+  readonly audit: AuditLog;
   tlsContext: tls.SecureContext | null;
   draining = false;
   readonly adminDatabase = 'trustgate';
@@ -72,6 +76,7 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     this.tlsContext = createClientTlsContext(config.tls);
     this.secrets = new SecretStore(config.auth.users_file, this.authQuerySettings(config), this.log);
     this.rules = new RulesRegistry(controlCredentials(this.authQuerySettings(config)), this.log);
+    this.audit = new AuditLog(this.log);
     this.securitySession = options.securitySession ?? forwardSecurityMessage;
   }
 
@@ -79,6 +84,8 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
 
   async start(): Promise<void> {
     await loadSqlParser();
+    // One audit writer per gateway, to one audit database, as the auth role (src/audit/settings.ts).
+    this.audit.configure(resolveAuditSettings(this.config, controlCredentials(this.authQuerySettings(this.config))));
     const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
     await new Promise<void>((resolve, reject) => {
@@ -127,6 +134,8 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     for (const p of this.pools.values()) p.close();
     this.secrets.close();
     this.rules.close();
+    // After the sessions: their last records are queued; flush them, spool what the database cannot take.
+    await this.audit.close();
     await closed;
     this.log.info('trustgate stopped');
     this.emit('stopped');
@@ -147,6 +156,7 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     this.tlsContext = createClientTlsContext(config.tls);
     this.secrets.reload(config.auth.users_file, this.authQuerySettings(config));
     this.rules.reload(controlCredentials(this.authQuerySettings(config)));
+    this.audit.configure(resolveAuditSettings(config, controlCredentials(this.authQuerySettings(config))));
     for (const pool of this.pools.values()) {
       const { endpoint, settings } = this.poolShape(pool.clientDatabase);
       const endpointChanged = endpoint.host !== pool.endpoint.host || endpoint.port !== pool.endpoint.port;
@@ -412,7 +422,19 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
         s.proxy?.roleLabel ?? null,
         new Date(s.connectedAt).toISOString(),
         s.stats.queries,
-      ]),
+      ]).concat(
+        [...this.passthroughs].map((p) => [p.id, null, null, `passthrough ${p.state}`, p.remote, true, null, `${p.target.host}:${p.target.port}${p.serverName ? ` (${p.serverName})` : ''}`, null, null, null, new Date(p.connectedAt).toISOString(), null]),
+      ),
+    };
+  }
+
+  showAudit(): AdminTable {
+    const a = this.audit.stats();
+    const d = a.database;
+    const j = a.jsonLines;
+    return {
+      columns: ['instance', 'enabled', 'synchronous', 'accepting', 'database', 'db_state', 'queued', 'written', 'spooled', 'replayed', 'duplicates', 'dropped', 'rejected', 'failures', 'spool_files', 'spool_bytes', 'json_lines', 'json_written', 'json_dropped', 'last_error'],
+      rows: [[a.instance, a.enabled, a.synchronous, a.accepting, d?.name ?? null, d?.database ?? null, d?.queued ?? 0, d?.written ?? 0, d?.spooled ?? 0, d?.replayed ?? 0, d?.duplicates ?? 0, (d?.dropped ?? 0) + (j?.dropped ?? 0), d?.rejected ?? 0, (d?.failures ?? 0) + (j?.failures ?? 0), d?.spoolFiles ?? 0, d?.spoolBytes ?? 0, j?.target ?? null, j?.written ?? 0, j?.dropped ?? 0, d?.lastError ?? null]],
     };
   }
 

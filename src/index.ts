@@ -15,3 +15,5 @@ export {
   type SecuritySessionInfo,
   type ClientSide,
 } from './relay/security-session.js';
+export type { AuditLog, AuditStats } from './audit/audit-log.js';
+export type { QueryLogInput, AccessLogInput, QueryLogRecord, AccessLogRecord, AccessEvent, QueryResult } from './audit/records.js';

@@ -19,6 +19,7 @@ export interface AdminTarget {
   showStats(): AdminTable;
   showConfig(): AdminTable;
   showTrust(): AdminTable;
+  showAudit(): AdminTable;
   version(): string;
   reload(): void;
   shutdown(): void;
@@ -33,6 +34,7 @@ const HELP: AdminTable = {
     ['SHOW STATS', 'counters per pool'],
     ['SHOW CONFIG', 'effective configuration'],
     ['SHOW TRUST', 'CONNECT THROUGH rules cached per database (trusted sessions)'],
+    ['SHOW AUDIT', 'query and access log writer: queue, database, spool, drops'],
     ['SHOW VERSION', 'trustgate version'],
     ['RELOAD', 'reread the configuration file without dropping connections'],
     ['SHUTDOWN', 'drain clients and stop the gateway'],
@@ -76,6 +78,8 @@ function dispatch(words: string[], target: AdminTarget): Buffer[] {
         return table(target.showConfig(), 'SHOW');
       case 'TRUST':
         return table(target.showTrust(), 'SHOW');
+      case 'AUDIT':
+        return table(target.showAudit(), 'SHOW');
       case 'VERSION':
         return table({ columns: ['version'], rows: [[target.version()]] }, 'SHOW');
       case 'HELP':

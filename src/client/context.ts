@@ -8,6 +8,7 @@ import type { Pool } from '../pool/pool.js';
 import type { ServerConnection } from '../server/server-connection.js';
 import type { ClientSession } from './session.js';
 import type { RulesStore } from '../trust/rules-store.js';
+import type { AuditLog } from '../audit/audit-log.js';
 import type { SecurityMode } from '../config/schema.js';
 import type { PrologueOptions, PrologueResult } from './prologue.js';
 import type { SecuritySessionCallback } from '../relay/security-session.js';
@@ -33,6 +34,8 @@ export interface SessionContext {
   runAdminCommand(sql: string, session: ClientSession): Buffer;
   /** Sends a CancelRequest for `server` on a new connection. */
   sendCancel(server: ServerConnection): void;
+  /** Query log and access log (src/audit/audit-log.ts): record requests and privilege decisions. */
+  readonly audit: AuditLog;
   /** Sends a CancelRequest with this key to an endpoint (relayed sessions: the server's own key). */
   sendCancelTo(endpoint: Pick<ServerEndpoint, 'host' | 'port'>, processId: number, secretKey: Buffer): void;
   /** A cancel key the gateway did not issue: sent to the servers of live passthrough sessions; returns how many. */

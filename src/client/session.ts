@@ -56,6 +56,8 @@ import { relayLogin } from '../relay/relay-login.js';
 import { SecuritySessionRefusal } from '../relay/security-session.js';
 import { startupMessage } from '../protocol/frontend.js';
 import { OutBatch } from './out-batch.js';
+import { RequestLog, type RequestedProxy } from './request-log.js';
+import type { AccessEvent } from '../audit/records.js';
 import { paramSyncSql, startupParamsToSet } from './startup-params.js';
 import { isFatal, isKnownFrontendType, toPgError, unknownType } from './client-errors.js';
 import { authenticateClient, type AuthChannel } from '../auth/client-auth.js';
@@ -185,6 +187,10 @@ export class ClientSession implements PoolWaiter {
   stats = { queries: 0, bytesIn: 0, bytesOut: 0 };
   /** The prologue told the client to start TLS: the raw socket must get no plain message. */
   private encryptionStarted = false;
+  /** The query log's view of this session's requests (null when audit is off). */
+  private requestLog: RequestLog | null = null;
+  /** Messages replayed from the backlog were seen by the request log when they arrived. */
+  private replaying = false;
   /** The server connection a relayed session is spliced to (forward mode). */
   private spliced: ServerConnection | null = null;
 
@@ -370,6 +376,12 @@ export class ClientSession implements PoolWaiter {
     this.renameStatements = this.transactionMode;
     this.rules = this.ctx.rulesFor(pool);
     this.trust = new TrustedSession(this.user, this.rules);
+    if (this.ctx.audit.enabled) {
+      const facts = { id: this.id, remote: this.remote, user: this.user, database: this.database, poolMode: pool.settings.mode };
+      const log = new RequestLog(this.ctx.audit, facts, () => this.trust?.identity() ?? null, (safe) => this.toClient.holdUntil(safe));
+      this.requestLog = log;
+      this.toClient.observe = (type, buf, start, end) => log.toClient(type, buf, start, end);
+    }
     return pool;
   }
 
@@ -589,6 +601,14 @@ export class ClientSession implements PoolWaiter {
       this.adminMessage(type, buf, start, end);
       return;
     }
+    if (this.requestLog && !this.replaying) {
+      this.requestLog.fromClient(type, buf, start, end);
+      if ((type === Frontend.Query || type === Frontend.Parse) && !this.ctx.audit.accepting) {
+        // audit.on_overflow: refuse — no request runs that could not be logged.
+        this.refuse(new PgError(SqlState.ConfigurationLimitExceeded, 'the audit log cannot take more records (database and spool unavailable); request refused', undefined, undefined, 'See SHOW AUDIT on the admin console.'), type === Frontend.Query);
+        return;
+      }
+    }
     if (this.holding) {
       if (!isKnownFrontendType(type)) throw unknownType(type);
       this.queueBacklog(buf, start, end);
@@ -750,7 +770,7 @@ export class ClientSession implements PoolWaiter {
         if (this.trust) {
           if (this.trust.isTrustedUser || this.trust.proxyActive) {
             // The fast-path interface calls any function by OID (set_config included), unseen by the checks.
-            this.refuse(new PgError(SqlState.InsufficientPrivilege, 'the fast-path function call interface is not allowed in trusted sessions'), true);
+            this.refuse(new PgError(SqlState.InsufficientPrivilege, 'the fast-path function call interface is not allowed in trusted sessions'), true, 'tamper_refused');
             return;
           }
           outcome = this.syncIdentity(true, buf, start, end);
@@ -787,7 +807,7 @@ export class ClientSession implements PoolWaiter {
       const marking = splitTrustedMarking(sql);
       if (!marking) {
         // Never forward it: PostgreSQL would log the key with the statement.
-        return this.refuse(new PgError(SqlState.InsufficientPrivilege, 'a trusted-request marking must start the request, before SET QUERY_BAND'), simple);
+        return this.refuse(new PgError(SqlState.InsufficientPrivilege, 'a trusted-request marking must start the request, before SET QUERY_BAND'), simple, 'untrusted_refused');
       }
       {
         if (!trustKeyMatches(marking.key, this.rules!.trustKey(this.user))) {
@@ -795,10 +815,12 @@ export class ClientSession implements PoolWaiter {
           return this.refuse(
             new PgError(SqlState.InsufficientPrivilege, 'invalid trusted-request marking', undefined, undefined, "The key is the trusted user's trust key (SELECT trustgate.trust_key(...) as a trustgate administrator)."),
             simple,
+            'untrusted_refused',
           );
         }
         if (!isQueryBandStatement(marking.rest)) return this.refuse(new PgError(SqlState.FeatureNotSupported, 'a trusted-request marking is only accepted on SET QUERY_BAND'), simple);
         trusted = true;
+        this.requestLog?.trustedRequest();
         sql = marking.rest;
       }
     }
@@ -813,7 +835,7 @@ export class ClientSession implements PoolWaiter {
     }
     // A named statement may run later under a proxy: check it as if one were in force.
     const tampered = this.tamperReason(sql, named);
-    return tampered ? this.refuse(tampered, simple) : Outcome.Forward;
+    return tampered ? this.refuse(tampered, simple, 'tamper_refused') : Outcome.Forward;
   }
 
   /** Why this SQL text may not run (it would change the identity), or null. */
@@ -880,21 +902,26 @@ export class ClientSession implements PoolWaiter {
     const status = this.server?.txStatus ?? TxStatus.Idle;
     const tx: TxState = status === TxStatus.Failed ? 'failed' : status !== TxStatus.Idle ? 'in-transaction' : rest !== '' ? 'request' : 'idle';
     const before = this.trust!.snapshot();
+    const grantBefore = this.trust!.identity().grant;
     try {
       if (this.trust!.setQueryBand(stmt, trusted, tx, this.proxyStateDirty)) {
         // A new end user: what the last one left in the session goes first.
         if (this.proxyStateDirty) this.needsCleanup = true;
       }
     } catch (err) {
-      if (err instanceof PgError) return this.refuse(err, simple);
+      if (err instanceof PgError) {
+        const untrusted = err.code === SqlState.InsufficientPrivilege && /trusted request/i.test(err.message);
+        return this.refuse(err, simple, untrusted ? 'untrusted_refused' : 'proxy_refused', stmt.band);
+      }
       throw err;
     }
+    this.requestLog?.bandSet(grantBefore);
     this.log.debug({ scope: stmt.scope, trusted, proxyUser: this.trust!.identity().grant?.proxyUser }, 'query band set');
     if (rest !== '') {
       // Checked under the new band (DISCARD ALL, RESET ALL count once a proxy is in force); a
       // refusal ends the request's transaction and with it the band.
       const tampered = this.tamperReason(rest);
-      return tampered ? this.refuse(tampered, true) : this.sendBandLed(statement, rest);
+      return tampered ? this.refuse(tampered, true, 'tamper_refused') : this.sendBandLed(statement, rest);
     }
     if (simple && this.trust!.identity().grant?.memberCheck && this.server) {
       // Only PostgreSQL knows whether the proxy user may SET that role: switch now, so a refusal
@@ -933,6 +960,7 @@ export class ClientSession implements PoolWaiter {
     this.sendMessage(queryMessage(connectThroughCallSql(stmt)), Expect.Query, ReplyAction.RenameTag, null, commandComplete(tag));
     this.pendingSyncs++;
     this.rulesChangePending = true;
+    this.requestLog?.connectThrough(tag === 'GRANT' ? 'grant' : 'revoke', sql);
     this.log.info({ user: this.user, statement: stmt.kind, trustedUser: stmt.trustedUser }, 'CONNECT THROUGH change');
     return Outcome.Done;
   }
@@ -950,7 +978,7 @@ export class ClientSession implements PoolWaiter {
     if (server.txStatus === TxStatus.Failed) return Outcome.Forward;
     if (this.needsCleanup) this.cleanup(server);
     const refusal = trust.refused;
-    if (refusal) return this.refuse(refusal, simple);
+    if (refusal) return this.refuse(refusal, simple, 'proxy_refused');
     // Known to be inside a transaction block only when nothing is in flight and the server said so.
     const maybeOutsideBlock = server.txStatus === TxStatus.Idle || !this.replies.empty;
     if (!this.switchTo(server, trust.identity())) return Outcome.Forward;
@@ -1009,7 +1037,7 @@ export class ClientSession implements PoolWaiter {
   /** Session mode: statement names starting with tg_ belong to the gateway (its identity switch). Refuses them. */
   private reservedName(name: string): boolean {
     if (!name.toLowerCase().startsWith('tg_')) return false;
-    this.refuse(new PgError(SqlState.InsufficientPrivilege, `prepared statement names starting with "tg_" are reserved for trustgate ("${name}")`), false);
+    this.refuse(new PgError(SqlState.InsufficientPrivilege, `prepared statement names starting with "tg_" are reserved for trustgate ("${name}")`), false, 'tamper_refused');
     return true;
   }
 
@@ -1063,8 +1091,9 @@ export class ClientSession implements PoolWaiter {
    * Refuses a request the way PostgreSQL would: the server raises the error itself, so an open
    * transaction block is aborted as by any failed statement, in order with the other replies.
    */
-  private refuse(err: PgError, simple: boolean): Outcome {
+  private refuse(err: PgError, simple: boolean, event: AccessEvent | null = null, requested: RequestedProxy | null = null): Outcome {
     this.log.info({ code: err.code, err: err.message }, 'request refused');
+    this.requestLog?.refused(event, err.code, err.message, requested);
     const server = this.server;
     if (!simple) this.discardUntilSync = true;
     if (!server) {
@@ -1246,6 +1275,7 @@ export class ClientSession implements PoolWaiter {
     this.backlog = [];
     this.backlogBytes = 0;
     this.resumeAfterBacklog();
+    this.replaying = true;
     try {
       for (const run of backlog) {
         for (let pos = 0; pos < run.length; ) {
@@ -1260,6 +1290,8 @@ export class ClientSession implements PoolWaiter {
       if (!this.toClient.empty) this.toClient.flush(this.socket);
     } catch (err) {
       this.fatal(toPgError(err));
+    } finally {
+      this.replaying = false;
     }
   }
 
@@ -1501,7 +1533,9 @@ export class ClientSession implements PoolWaiter {
     this.discardUntilSync = batchFailed;
     this.backlog = [];
     this.backlogBytes = 0;
-    this.socket.write(Buffer.concat(replies));
+    const answer = Buffer.concat(replies);
+    this.requestLog?.toClientMessages(answer);
+    this.socket.write(answer);
     this.resumeAfterBacklog();
   }
 

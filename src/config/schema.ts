@@ -165,6 +165,47 @@ export const limitsSchema = z
   })
   .strict();
 
+/** Query log, access log and JSON lines (docs/audit.md). */
+export const auditSchema = z
+  .object({
+    /** Record every request (query log) and privilege decision (access log). */
+    enabled: z.boolean().default(false),
+    /** Insert into trustgate.query_log / access_log (needs auth.user and `trustgate init`). */
+    database: z.boolean().default(true),
+    /** Server database holding the logs (one per gateway); default auth.database, else postgres. */
+    database_name: z.string().min(1).optional(),
+    /** This gateway in the logs' `instance` column; unique per running gateway. Default hostname:listen.port. */
+    instance: z.string().min(1).max(200).optional(),
+    /** Statement text stored: full, the first truncate_at characters, only a fingerprint, or nothing. */
+    statement_text: z.enum(['full', 'truncate', 'fingerprint', 'none']).default('full'),
+    truncate_at: z.number().int().min(1).default(4096),
+    /** Bind parameter values are stored only when this is true. */
+    log_parameters: z.boolean().default(false),
+    /** A batch is written at least this often (and at once when batch_size records are queued). */
+    flush_interval_ms: z.number().int().min(1).default(100),
+    batch_size: z.number().int().min(1).max(100_000).default(1000),
+    /** Local spool while the database cannot take records; default os.tmpdir()/trustgate-spool-<instance>. */
+    spool_dir: z.string().min(1).optional(),
+    /** A batch the database has not committed within this time goes to the spool instead. */
+    spool_after_ms: z.number().int().min(1).default(2000),
+    /** Records held in memory at most (database and spool both failing), then on_overflow applies. */
+    max_queue_records: z.number().int().min(1).default(100_000),
+    /** refuse: new requests are refused (53400) until the queue drains; drop: records are dropped, counted, logged as errors. */
+    on_overflow: z.enum(['refuse', 'drop']).default('refuse'),
+    /** Strict audit: a request's reply waits until its record is committed or fsync'd to the spool. */
+    synchronous: z.boolean().default(false),
+    /** Also (or, with database: false, only) write JSON lines: path '-' = stdout, else a file appended to. */
+    json_lines: z
+      .object({
+        path: z.string().min(1),
+        /** Bytes waiting for a slow destination before records are dropped (counted, logged). */
+        max_buffer_bytes: z.number().int().min(65_536).default(16 * 1024 * 1024),
+      })
+      .strict()
+      .optional(),
+  })
+  .strict();
+
 export const configSchema = z
   .object({
     listen: z
@@ -206,10 +247,19 @@ export const configSchema = z
       })
       .strict()
       .prefault({}),
+    audit: auditSchema.prefault({}),
     /** On SIGTERM, wait this long for clients to finish before closing them. */
     shutdown_timeout_ms: ms.default(30_000),
   })
   .strict()
+  .refine((c) => !c.audit.enabled || !c.audit.database || Boolean(c.auth.user), {
+    message: 'audit.database needs auth.user: the logs are written by the auth role (or set audit.database: false and audit.json_lines)',
+    path: ['audit', 'database'],
+  })
+  .refine((c) => !c.audit.enabled || c.audit.database || Boolean(c.audit.json_lines), {
+    message: 'audit is enabled with no destination: set audit.database: true or audit.json_lines',
+    path: ['audit', 'json_lines'],
+  })
   .refine((c) => c.auth.method !== 'cert' || (c.tls.mode === 'require' && Boolean(c.tls.ca_file)), {
     message: 'auth.method cert needs tls.mode require and tls.ca_file (the CA of client certificates)',
     path: ['auth', 'method'],

@@ -112,6 +112,8 @@ export async function startDemo(options: DemoOptions = {}): Promise<Demo> {
         auth: { method: 'scram-sha-256', user: 'trustgate_auth' },
         pool: { mode: options.poolMode ?? 'transaction', default_size: 10 },
         admin_users: ['demo_admin'],
+        // The demo records its query and access logs in the demo database (docs/audit.md).
+        audit: { enabled: true, database_name: 'demo', spool_dir: path.join(workDir, 'audit-spool') },
         log: { level: (options.logLevel ?? 'info') as 'info' },
       },
       { logger: log },

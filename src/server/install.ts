@@ -1,9 +1,10 @@
 /**
  * Installs what trustgate needs inside a database: the `trustgate` schema with the restricted
  * secret-lookup function used by the auth query, the role allowed to call it, and the
- * trusted-sessions catalog (src/trust/catalog-sql.ts).
+ * trusted-sessions catalog (src/trust/catalog-sql.ts), then the audit schema (src/audit/audit-sql.ts).
  */
 import { trustCatalogSql } from '../trust/catalog-sql.js';
+import { auditSql } from '../audit/audit-sql.js';
 import { ServerConnection, type ServerEndpoint } from './server-connection.js';
 import type { Logger } from '../log/logger.js';
 
@@ -58,6 +59,8 @@ export async function installAuthFunction(o: InstallOptions, log: Logger): Promi
       return;
     }
     await conn.internalQuery(trustCatalogSql(o.authRole), undefined, 30_000);
+    // Query log, access log, creators (src/audit/audit-sql.ts): needs the catalog's identity().
+    await conn.internalQuery(auditSql(o.authRole), undefined, 30_000);
   } finally {
     conn.terminate();
   }
