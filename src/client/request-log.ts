@@ -162,6 +162,18 @@ export class RequestLog {
     }
   }
 
+  /**
+   * The session ended with requests still open (the client or the server connection went away):
+   * they are recorded as failed with 08006, so no request that reached trustgate goes unlogged.
+   */
+  closeAll(): void {
+    for (const r of this.open.splice(0)) {
+      r.sqlstate ??= '08006';
+      this.finish(r);
+    }
+    this.batch = null;
+  }
+
   /** Several whole messages made by the gateway (iterates their headers). */
   toClientMessages(b: Buffer): void {
     for (let pos = 0; pos + 5 <= b.length; ) {

@@ -1646,6 +1646,7 @@ export class ClientSession implements PoolWaiter {
       this.spliced.destroy();
       this.spliced = null;
     }
+    this.requestLog?.closeAll();
     const server = this.server;
     if (server) {
       this.server = null;
