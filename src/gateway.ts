@@ -84,8 +84,6 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
 
   async start(): Promise<void> {
     await loadSqlParser();
-    // One audit writer per gateway, to one audit database, as the auth role (src/audit/settings.ts).
-    this.audit.configure(resolveAuditSettings(this.config, controlCredentials(this.authQuerySettings(this.config))));
     const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
     await new Promise<void>((resolve, reject) => {
@@ -96,6 +94,9 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
       });
     });
     server.on('error', (err) => this.log.error({ err: err.message }, 'listener error'));
+    // One audit writer per gateway, to one audit database, as the auth role (src/audit/settings.ts);
+    // its default instance name needs the port really bound (configured before any client is read).
+    this.audit.configure(resolveAuditSettings(this.config, controlCredentials(this.authQuerySettings(this.config)), this.address().port));
     this.maintenanceTimer = setInterval(() => this.maintain(), 1000);
     this.maintenanceTimer.unref();
     const a = this.address();
@@ -156,7 +157,7 @@ export class Gateway extends EventEmitter implements SessionContext, AdminTarget
     this.tlsContext = createClientTlsContext(config.tls);
     this.secrets.reload(config.auth.users_file, this.authQuerySettings(config));
     this.rules.reload(controlCredentials(this.authQuerySettings(config)));
-    this.audit.configure(resolveAuditSettings(config, controlCredentials(this.authQuerySettings(config))));
+    this.audit.configure(resolveAuditSettings(config, controlCredentials(this.authQuerySettings(config)), this.address().port));
     for (const pool of this.pools.values()) {
       const { endpoint, settings } = this.poolShape(pool.clientDatabase);
       const endpointChanged = endpoint.host !== pool.endpoint.host || endpoint.port !== pool.endpoint.port;

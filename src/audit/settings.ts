@@ -27,9 +27,12 @@ export interface AuditSettings {
   jsonLines: { path: string; maxBufferBytes: number } | null;
 }
 
-/** hostname:listen.port — stable across restarts of the same gateway, distinct between gateways on one host. */
-export function defaultInstance(config: Config): string {
-  return `${os.hostname()}:${config.listen.port}`;
+/**
+ * hostname:port — stable across restarts of the same gateway, distinct between gateways on one
+ * host. `boundPort` is the port really listened on (listen.port 0 picks a free one).
+ */
+export function defaultInstance(config: Config, boundPort = config.listen.port): string {
+  return `${os.hostname()}:${boundPort}`;
 }
 
 /** Under the system temp directory; production should set audit.spool_dir to a persistent disk. */
@@ -41,9 +44,9 @@ export function defaultSpoolDir(instance: string): string {
  * The audit database: `audit.database_name`, else `auth.database`, else `postgres`, on the
  * configured server, written by the auth role (`auth.user`, whose password is in `credentials`).
  */
-export function resolveAuditSettings(config: Config, credentials: ControlCredentials | null): AuditSettings {
+export function resolveAuditSettings(config: Config, credentials: ControlCredentials | null, boundPort?: number): AuditSettings {
   const a = config.audit;
-  const instance = a.instance ?? defaultInstance(config);
+  const instance = a.instance ?? defaultInstance(config, boundPort);
   const dbName = a.database_name ?? config.auth.database ?? 'postgres';
   return {
     enabled: a.enabled,

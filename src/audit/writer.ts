@@ -109,6 +109,8 @@ export class AuditWriter extends EventEmitter {
   private connectTimer: NodeJS.Timeout | null = null;
   /** Consecutive database failures (connects and writes); reset by a successful write. */
   private failStreak = 0;
+  /** Rows the last insert() really stored (the rest existed already). */
+  private lastInserted = 0;
   private flushTimer: NodeJS.Timeout | null = null;
   private retryTimer: NodeJS.Timeout | null = null;
   private flushDue = false;
@@ -375,7 +377,7 @@ export class AuditWriter extends EventEmitter {
     if (this.dbUp() && !this.spool?.pending) {
       triedDb = true;
       if (await this.insert(items, this.o.spoolAfterMs)) {
-        this.stats.written += batch.length;
+        this.noteLiveInsert(batch.length);
         this.settle(batch);
         return true;
       }
@@ -394,7 +396,7 @@ export class AuditWriter extends EventEmitter {
     }
     if (!triedDb && this.dbUp()) {
       if (await this.insert(items, this.o.spoolAfterMs)) {
-        this.stats.written += batch.length;
+        this.noteLiveInsert(batch.length);
         this.settle(batch);
         return true;
       }
@@ -477,6 +479,20 @@ export class AuditWriter extends EventEmitter {
   }
 
   /** One statement for the batch; true when committed (new rows or rows already there). */
+  /**
+   * A fresh batch whose ids exist already can only mean that another gateway writes under the same
+   * instance name (ids are per instance): those records were not stored — say so loudly.
+   */
+  private noteLiveInsert(sent: number): void {
+    const lost = sent - this.lastInserted;
+    this.stats.written += this.lastInserted;
+    if (lost > 0) {
+      this.stats.duplicates -= lost;
+      this.stats.dropped += lost;
+      this.loud('collision', `audit: ${lost} records were not stored because records with their ids exist already: another gateway writes as instance "${this.o.instance}" (give each gateway its own audit.instance)`, { instance: this.o.instance });
+    }
+  }
+
   private async insert(items: Item[], timeoutMs: number): Promise<boolean> {
     const conn = this.conn;
     if (!conn || conn.closed) return false;
@@ -487,6 +503,7 @@ export class AuditWriter extends EventEmitter {
       const res = await conn.internalQuery(INSERT_BATCH_SQL, [`[${q.join(',')}]`, `[${a.join(',')}]`], timeoutMs);
       const row = res.rows[0] ?? [];
       const inserted = Number(row[0] ?? 0) + Number(row[1] ?? 0);
+      this.lastInserted = inserted;
       this.stats.duplicates += items.length - inserted;
       this.failStreak = 0;
       return true;
@@ -494,6 +511,7 @@ export class AuditWriter extends EventEmitter {
       const code = (err as { serverError?: { code: string } }).serverError?.code;
       if (code && isDataError(code) && items.length > 1) return this.insertOneByOne(items, timeoutMs);
       if (code && isDataError(code)) {
+        this.lastInserted = items.length; // counted as rejected, not as lost
         await this.reject(items, err as Error);
         return true;
       }
@@ -504,7 +522,12 @@ export class AuditWriter extends EventEmitter {
 
   /** A batch with an invalid record: each alone, so one bad record cannot block the others. */
   private async insertOneByOne(items: Item[], timeoutMs: number): Promise<boolean> {
-    for (const item of items) if (!(await this.insert([item], timeoutMs))) return false;
+    let stored = 0;
+    for (const item of items) {
+      if (!(await this.insert([item], timeoutMs))) return false;
+      stored += this.lastInserted;
+    }
+    this.lastInserted = stored;
     return true;
   }
 

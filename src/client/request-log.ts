@@ -15,7 +15,8 @@ import { decodeBindNames, decodeParse, decodeQuery } from '../protocol/frontend.
 import type { AuditLog } from '../audit/audit-log.js';
 import type { AccessEvent, QueryLogInput } from '../audit/records.js';
 import type { Identity } from '../trust/identity.js';
-import type { ProxyRole } from '../trust/query-band.js';
+import { isQueryBandStatement, parseSetQueryBand, splitQueryBandRequest, type ProxyRole } from '../trust/query-band.js';
+import { splitTrustedMarking } from '../trust/trusted-request.js';
 import type { ProxyGrant } from '../trust/rules.js';
 
 export interface SessionFacts {
@@ -213,11 +214,13 @@ export class RequestLog {
     if (!r) return;
     r.refused = true;
     if (!event) return;
-    const asked = requested && (requested.proxyUser !== undefined || requested.proxyRole !== undefined);
+    // A marking with a wrong key is refused before its band is read: read it here, for the log.
+    const band = requested ?? (event === 'untrusted_refused' && r.texts.length === 1 ? bandOf(r.texts[0]) : null);
+    const asked = band !== null && (band.proxyUser !== undefined || band.proxyRole !== undefined);
     this.access(r, event, 'refused', {
       sqlstate,
       message,
-      ...(asked ? { proxyUser: requested.proxyUser, proxyRole: roleLabelOf(requested.proxyRole), proxyRoleGiven: requested.proxyUser !== undefined } : {}),
+      ...(asked ? { proxyUser: band.proxyUser, proxyRole: roleLabelOf(band.proxyRole), proxyRoleGiven: band.proxyUser !== undefined } : {}),
     });
   }
 
@@ -375,4 +378,15 @@ export class RequestLog {
 
 function ruleOf(grant: ProxyGrant): { kind: string; proxyRole: string | null; role: string } {
   return { kind: grant.kind, proxyRole: grant.roleLabel, role: grant.targetRole };
+}
+
+/** The band a (marked) SET QUERY_BAND request text asks for, or null. */
+function bandOf(text: string): RequestedProxy | null {
+  const sql = splitTrustedMarking(text)?.rest ?? text;
+  if (!isQueryBandStatement(sql)) return null;
+  try {
+    return parseSetQueryBand(splitQueryBandRequest(sql).statement).band;
+  } catch {
+    return null;
+  }
 }
