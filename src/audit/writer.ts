@@ -568,6 +568,9 @@ export class AuditWriter extends EventEmitter {
       const c = this.o.credentials;
       conn = await ServerConnection.connect(this.o.endpoint, this.o.database, c.user, { password: c.password }, new Map([['application_name', 'trustgate audit']]), this.o.log);
       // Ids continue above what this instance already wrote (a clock stepped back, see log-id.ts).
+      // "Committed" must mean durable: with synchronous_commit off, a crash of PostgreSQL could lose
+      // records the writer already let go of (stricter settings such as remote_apply are kept).
+      await conn.internalQuery("DO $$ BEGIN IF current_setting('synchronous_commit') = 'off' THEN PERFORM set_config('synchronous_commit', 'local', false); END IF; END $$");
       const hw = await conn.internalQuery(HIGH_WATER_SQL, [this.o.instance]);
       const high = hw.rows[0]?.[0];
       if (high) this.o.ids.atLeast(Number(high));

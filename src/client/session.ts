@@ -1677,7 +1677,10 @@ export class ClientSession implements PoolWaiter {
     this.log[level]({ code: err.code, err: err.message }, 'closing client connection with error');
     // A spliced session's stream belongs to the server: no message of ours may enter it.
     const mayWrite = this.phase !== Phase.Spliced && !(this.phase === Phase.Prologue && this.encryptionStarted);
-    if (this.socket.writable && mayWrite) this.socket.write(errorResponse(new PgError(err.code, err.message, 'FATAL', err.detail, err.hint)));
+    const message = errorResponse(new PgError(err.code, err.message, 'FATAL', err.detail, err.hint));
+    // The open request's record gets the error the client gets (close() records it).
+    this.requestLog?.toClientMessages(message);
+    if (this.socket.writable && mayWrite) this.socket.write(message);
     this.close();
   }
 
