@@ -301,6 +301,11 @@ class AuditDb {
     return { groups, total: groups.reduce((s, g) => s + g.n, 0), access };
   }
 
+  /** Query-log rows of one instance. */
+  async queryRows(instance: string): Promise<number> {
+    return ((await this.c.query('SELECT count(*)::int AS n FROM trustgate.query_log WHERE instance = $1', [instance])).rows[0] as { n: number }).n;
+  }
+
   /** Empties both logs (the guard trigger lets TRUNCATE through under trustgate.audit_purge, like purge_audit()). */
   async purge(): Promise<void> {
     await this.c.query("BEGIN; SET LOCAL trustgate.audit_purge = 'on'; TRUNCATE trustgate.query_log, trustgate.access_log; COMMIT");
@@ -406,20 +411,28 @@ async function showAudit(g: Gateway): Promise<AuditCounters> {
   };
 }
 
-/** Waits until the gateway's audit output is idle: nothing queued and the counters still for 3 polls. */
-async function settleAudit(g: Gateway, atLeast: number, before: AuditCounters): Promise<{ counters: AuditCounters; ms: number; settled: boolean }> {
+/**
+ * Waits until the gateway's audit output is idle: at least `atLeast` query records out (rows in the
+ * query log since it was emptied; (d): JSON lines written since `before`), nothing queued, and the
+ * counts still for two more polls. The query-log rows are what must arrive: SHOW AUDIT's `written`
+ * also counts access records, and a batch on its way (taken from the queue, not yet committed)
+ * shows in neither `queued` nor `written`. Records go out in order, so once every request's row
+ * is in, so is every access record made before it.
+ */
+async function settleAudit(g: Gateway, adb: AuditDb, atLeast: number, before: AuditCounters): Promise<{ counters: AuditCounters; ms: number; settled: boolean }> {
   const t = Date.now();
-  const deadline = t + 30_000;
-  let prev: AuditCounters | null = null;
+  const deadline = t + 60_000;
+  let prev: { s: AuditCounters; n: number } | null = null;
   let still = 0;
   for (;;) {
     const s = await showAudit(g);
-    const out = g.variant === 'd' ? s.jsonWritten - before.jsonWritten : s.written + s.spooled - before.written - before.spooled;
-    if (prev && s.queued === 0 && s.written === prev.written && s.spooled === prev.spooled && s.jsonWritten === prev.jsonWritten && out >= atLeast) still++;
+    const n = g.instance !== null && g.variant !== 'd' ? await adb.queryRows(g.instance) : s.jsonWritten - before.jsonWritten;
+    const same = prev !== null && n === prev.n && s.written === prev.s.written && s.spooled === prev.s.spooled && s.jsonWritten === prev.s.jsonWritten;
+    if (same && s.queued === 0 && n >= atLeast) still++;
     else still = 0;
     if (still >= 2) return { counters: s, ms: Date.now() - t, settled: true };
     if (Date.now() > deadline) return { counters: s, ms: Date.now() - t, settled: false };
-    prev = s;
+    prev = { s, n };
     await sleep(150);
   }
 }
@@ -526,6 +539,8 @@ interface Measurement extends PgbenchSummary {
   foreignCpuPct?: number;
   audit?: AuditCheck;
   writer?: WriterTrace;
+  /** This run's requests were refused (the cell's `status` says whether any of its runs were). */
+  refusedInRun?: boolean;
   /** The gateway's warnings and errors during the run (first lines). */
   gatewayLog?: string[];
   /** Runs of this cell in which requests were refused for audit overflow (medians only). */
@@ -607,6 +622,7 @@ async function measureCell(c: Cell, round: number, g: Gateway, adb: AuditDb, o: 
   if (r.exit.code !== 0 || r.tps === null || aborted) {
     const refusedByAudit = /the audit log cannot take more records/.test(r.output);
     m.status = refusedByAudit && r.tps !== null ? 'refused' : 'failed';
+    if (m.status === 'refused') m.refusedInRun = true;
     m.error = pgbenchFailure(r, 2, 400);
   }
   const txns = r.transactions ?? 0;
@@ -624,7 +640,7 @@ async function measureCell(c: Cell, round: number, g: Gateway, adb: AuditDb, o: 
     return m;
   }
 
-  const settle = await settleAudit(g, txns * perTxn, before);
+  const settle = await settleAudit(g, adb, txns * perTxn, before);
   if (!settle.settled) log(`warning: (${cellId(c)}) the audit writer was not idle ${settle.ms} ms after pgbench ended`);
   if (c.variant !== 'd' && writerPids.length && txns) m.writerBackendCpuUsPerTxn = Math.round(((((ticksOf(writerPids) - writerBefore) / 100) * 1e6) / txns) * 10) / 10;
   const after = settle.counters;
@@ -722,7 +738,7 @@ function rowsCheckText(m: Measurement): string {
   const a = m.audit;
   if (!a) return '–';
   const what = m.variant === 'd' ? 'lines' : 'rows';
-  const extra = a.extraRows === 0 ? '' : ` (${a.extraRows > 0 ? '+' : ''}${fmtInt(a.extraRows)} setup)`;
+  const extra = a.extraRows === 0 ? '' : m.refusedInRun ? ` (+${fmtInt(a.extraRows)} other: pgbench setup, refused requests, transactions cut short)` : ` (${a.extraRows > 0 ? '+' : ''}${fmtInt(a.extraRows)} setup)`;
   const perTxn = REQUESTS_PER_TXN[m.workload];
   const head = a.complete ? '✓' : '**✗**';
   const losses = [a.dropped && `${a.dropped} dropped`, a.spooled && `${a.spooled} spooled`, a.rejected && `${a.rejected} rejected`, a.mainRefused && `${a.mainRefused} refused requests logged as refused`]
@@ -891,20 +907,30 @@ async function main(): Promise<void> {
     if (opts.warmup > 0) {
       for (const v of variants) {
         const g = gateways.get(v)!;
+        const before = await showAudit(g);
+        let rows = 0;
         for (const w of opts.workloads) {
           if (!cells.some((c) => c.workload === w && c.variant === v)) continue;
           const { args, password } = pgbenchArgs({ workload: w, variant: v }, g.child.port, { ...opts, duration: opts.warmup }, scriptFile);
           const r = await runPgbench(args, password, opts.warmup * 1000 + 120_000);
           log(`warm-up (${v}) ${w}: ${r.tps === null ? `FAILED ${pgbenchFailure(r, 3, 400)}` : `${fmtInt(r.tps)} tps`}`);
+          rows += (r.transactions ?? 0) * REQUESTS_PER_TXN[w];
+        }
+        // Wait for the warm-up's records before the next gateway (and the purge) starts.
+        if (v !== 'a') {
+          const st = await settleAudit(g, adb, rows, before);
+          if (!st.settled) log(`warning: (${v}) the audit writer was not idle ${st.ms} ms after the warm-up`);
         }
         g.child.takeLines();
       }
-      // Wait for the warm-up's records, then start from empty logs.
-      for (const g of gateways.values()) if (g.variant !== 'a') await settleAudit(g, 0, await showAudit(g));
-      await adb.purge();
-      const jl = gateways.get('d')?.jsonl;
-      if (jl && fs.existsSync(jl)) fs.truncateSync(jl, 0);
     }
+    // Start from empty logs (the warm-up's records, the sanity checks' requests): the last records
+    // reach the database within a flush interval (100 ms) of being made; wait well past that.
+    await sleep(1000);
+    for (const g of gateways.values()) if (g.variant !== 'a') await settleAudit(g, adb, 0, await showAudit(g));
+    await adb.purge();
+    const jl = gateways.get('d')?.jsonl;
+    if (jl && fs.existsSync(jl)) fs.truncateSync(jl, 0);
 
     // Interleaved: round after round, each workload's variants back to back; the order of the
     // variants rotates every round so none always runs first (or right after another's writes).
@@ -1045,7 +1071,9 @@ async function main(): Promise<void> {
         : [...incomplete.map((m) => `- **${m.id} round ${m.round}**: ${rowsCheckText(m)} — ${JSON.stringify(m.audit)}`), ...offLogged.map((m) => `- **${m.id} round ${m.round}**: audit off, yet ${m.audit!.rows} query-log rows`)].join('\n'),
       '',
     ];
-    const extras = [...new Set(allRuns.flatMap((m) => m.audit?.extraStatements ?? []).map((s) => s.replace(/^\d+× /, '')))];
+    const extrasAll = [...new Set(allRuns.flatMap((m) => m.audit?.extraStatements ?? []).map((s) => s.replace(/^\d+× /, '')))];
+    // (c) stores no text: its bare kinds are the same statements as the ones with text.
+    const extras = extrasAll.filter((s) => s.includes(':') || !extrasAll.some((t) => t.startsWith(`${s}:`)));
     md.push(`After pgbench ended, the audit output was idle (nothing queued, counters still for two polls 150 ms apart) within at most ${fmtInt(maxSettle)} ms: the backlog the writer had left to drain, included in the writer backend CPU column.`, '');
     if (extras.length) md.push(`Setup statements seen besides the workload: ${extras.map((s) => `\`${s}\``).join(', ')}.`, '');
     md.push('## pgbench commands', '', ...cells.map((c) => `- ${cellId(c)}: \`${results.get(cellId(c))?.command ?? ''}\``), '');

@@ -27,6 +27,28 @@ export const INSERT_BATCH_SQL = (() => {
   return `WITH q AS (${insert('query_log', QUERY_LOG_COLUMNS, '$1')}), a AS (${insert('access_log', ACCESS_LOG_COLUMNS, '$2')}) SELECT (SELECT count(*) FROM q) AS query_rows, (SELECT count(*) FROM a) AS access_rows`;
 })();
 
+/** The array type of a column's values ($n::type[]). */
+const arrayType = (sqlType: string): string => (sqlType.startsWith('double precision') ? 'float8' : sqlType.split(' ')[0]);
+
+/**
+ * The INSERT of one batch as column arrays: one array literal per column, query-log columns first
+ * ($1 … $26), then the access log's ($27 … $44); unnest() turns them back into rows. The same
+ * statement shape, ON CONFLICT and counts as INSERT_BATCH_SQL, but PostgreSQL reads arrays of
+ * plain values much faster than it populates records from JSON objects (about 10 instead of 17 µs
+ * of backend CPU per row). Used for live batches; spooled lines are replayed with INSERT_BATCH_SQL.
+ */
+export const INSERT_COLUMNS_SQL = (() => {
+  let n = 0;
+  const insert = (table: string, columns: readonly ColumnSpec[]) => {
+    const cols = columns.map((c) => c[1]).join(', ');
+    const arrays = columns.map((c) => `$${++n}::${arrayType(c[2])}[]`).join(', ');
+    return `INSERT INTO trustgate.${table} (${cols}) SELECT * FROM unnest(${arrays}) ON CONFLICT DO NOTHING RETURNING 1`;
+  };
+  const q = insert('query_log', QUERY_LOG_COLUMNS);
+  const a = insert('access_log', ACCESS_LOG_COLUMNS);
+  return `WITH q AS (${q}), a AS (${a}) SELECT (SELECT count(*) FROM q) AS query_rows, (SELECT count(*) FROM a) AS access_rows`;
+})();
+
 /** Highest log id of an instance in the database ($1 = instance). */
 export const HIGH_WATER_SQL = 'SELECT trustgate.audit_high_water($1)';
 
@@ -83,8 +105,18 @@ ${table('query_log', QUERY_LOG_COLUMNS)}
 ${table('access_log', ACCESS_LOG_COLUMNS)}
 
 -- "What did proxy user X (or trusted user T) do between …": btree by user and time; BRIN for
--- plain time ranges (rows arrive roughly in time order, and BRIN stays tiny).
-CREATE INDEX IF NOT EXISTS query_log_proxy_user_started ON trustgate.query_log (proxy_user, started_at);
+-- plain time ranges (rows arrive roughly in time order, and BRIN stays tiny). The proxy_user index
+-- holds only rows with a proxy user (\`proxy_user = 'x'\` implies it), so the many requests without
+-- one cost one index insert less; an index of an older version (without the WHERE) is replaced.
+DO $do$
+BEGIN
+  IF EXISTS (SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+             WHERE c.relnamespace = 'trustgate'::regnamespace AND c.relname = 'query_log_proxy_user_started' AND i.indpred IS NULL) THEN
+    DROP INDEX trustgate.query_log_proxy_user_started;
+  END IF;
+END
+$do$;
+CREATE INDEX IF NOT EXISTS query_log_proxy_user_started ON trustgate.query_log (proxy_user, started_at) WHERE proxy_user IS NOT NULL;
 CREATE INDEX IF NOT EXISTS query_log_trusted_user_started ON trustgate.query_log (trusted_user, started_at);
 CREATE INDEX IF NOT EXISTS query_log_started_brin ON trustgate.query_log USING brin (started_at);
 CREATE INDEX IF NOT EXISTS access_log_trusted_user_at ON trustgate.access_log (trusted_user, at);

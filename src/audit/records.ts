@@ -202,21 +202,51 @@ export const DEFAULT_STATEMENT_POLICY: StatementPolicy = Object.freeze({ mode: '
 
 const FINGERPRINT_CACHE_LIMIT = 10_000;
 const fingerprints = new Map<string, string>();
+/** libpg_query fingerprints by constant-free shape (see shapeKey). */
+const shapes = new Map<string, string>();
+
+/** Plain DML (where an integer after an operator, a comma or a parenthesis is a constant). */
+const DML_START = /^\s*(?:select|insert|update|delete|with|values)\b/i;
+/**
+ * Texts the shape must leave alone: quoted identifiers (digits in them are names) and FLOAT(n)
+ * (its precision picks float4 or float8 in the grammar).
+ */
+const SHAPE_UNSAFE = /["]|float\s*\(/i;
+/** An integer constant: up to 9 digits after an operator, comma or parenthesis, not part of a word, number or $n. */
+const INT_CONST = /([=<>(,+\-*/]\s*)\d{1,9}(?![\w$.])/g;
+
+/**
+ * The text with its integer constants replaced by 0, for plain DML only (else null). libpg_query's
+ * fingerprint ignores constants in expressions, so texts of the same shape share it: with the
+ * shape as a cache key, `WHERE aid = 1` … `WHERE aid = 99999` parse once, not once each.
+ */
+function shapeKey(text: string): string | null {
+  if (!DML_START.test(text) || SHAPE_UNSAFE.test(text)) return null;
+  return text.replace(INT_CONST, '$10');
+}
 
 /**
  * Fingerprint of a statement: libpg_query's (16 hex digits; constants, whitespace and comments do
  * not count, so `WHERE id = 1` and `WHERE id = 2` share it), or, when the text does not parse or
  * the parser is not loaded, 64 hex digits of sha256 over the whitespace-normalized text. Cached
- * per text (bounded), because the same statements repeat.
+ * per text and per shape (bounded), because the same statements repeat, often with other constants.
  */
 export function statementFingerprint(text: string): string {
   const hit = fingerprints.get(text);
   if (hit !== undefined) return hit;
-  let fp: string;
-  try {
-    fp = fingerprintSync(text);
-  } catch {
-    fp = createHash('sha256').update(text.trim().replace(/\s+/g, ' '), 'utf8').digest('hex');
+  const shape = shapeKey(text);
+  let fp = shape === null ? undefined : shapes.get(shape);
+  if (fp === undefined) {
+    try {
+      fp = fingerprintSync(text);
+      // Only the parser's fingerprints are shared by shape (the sha256 fallback covers the digits).
+      if (shape !== null) {
+        if (shapes.size >= FINGERPRINT_CACHE_LIMIT) shapes.clear();
+        shapes.set(shape, fp);
+      }
+    } catch {
+      fp = createHash('sha256').update(text.trim().replace(/\s+/g, ' '), 'utf8').digest('hex');
+    }
   }
   if (fingerprints.size >= FINGERPRINT_CACHE_LIMIT) fingerprints.clear();
   fingerprints.set(text, fp);
@@ -267,12 +297,22 @@ const str = (v: string | null | undefined): string | null => (v === null || v ==
 const num = (v: number | null | undefined): number | null => (v === null || v === undefined || !Number.isFinite(v) ? null : v);
 const int = (v: number | null | undefined): number | null => (v === null || v === undefined || !Number.isFinite(v) ? null : Math.trunc(v));
 
+const PAD3: string[] = Array.from({ length: 1000 }, (_, i) => String(i).padStart(3, '0'));
+/** The last whole second formatted ("…T12:34:56."): records come in time order, so it repeats. */
+let isoSecond = NaN;
+let isoPrefix = '';
+
 /** ISO 8601 in UTC with microseconds, from epoch milliseconds (fractions kept). */
 export function isoMicros(ms: number): string {
   const whole = Math.floor(ms);
   const micros = Math.min(999, Math.max(0, Math.round((ms - whole) * 1000)));
-  const iso = new Date(whole).toISOString(); // …T12:34:56.789Z
-  return `${iso.slice(0, -1)}${String(micros).padStart(3, '0')}Z`;
+  const sec = Math.floor(whole / 1000);
+  if (sec !== isoSecond) {
+    const iso = new Date(sec * 1000).toISOString(); // …T12:34:56.000Z (throws for invalid times, as before)
+    isoPrefix = iso.slice(0, -4);
+    isoSecond = sec;
+  }
+  return `${isoPrefix}${PAD3[whole - sec * 1000]}${PAD3[micros]}Z`;
 }
 
 /** Arbitrary JSON values (rule, params): strings inside cleaned the same way. */
@@ -368,6 +408,8 @@ export interface AuditEntry {
   /** When the entry was made (access-log default time). */
   readonly madeAt: number;
   line?: string;
+  /** The stored row, made once (the line and the database writer's arrays come from it). */
+  row?: Record<string, unknown>;
   /** Synchronous audit: settled when the record is committed or fsync'd to the spool. */
   waiter?: { resolve: (logId: number) => void; reject: (err: Error) => void };
 }
@@ -381,11 +423,17 @@ export class EntryFormatter {
 
   line(e: AuditEntry): string {
     if (e.line !== undefined) return e.line;
-    const row =
+    // `{"log":…,` + the row: the same as stringifying { log, ...row }, without copying the row.
+    e.line = `{"log":"${e.log}",${JSON.stringify(this.row(e)).slice(1)}`;
+    return e.line;
+  }
+
+  /** The stored row (snake_case keys, in column order) of an entry, for the database writer. */
+  row(e: AuditEntry): Record<string, unknown> {
+    e.row ??=
       e.log === 'query'
         ? queryLogRow(e.logId, this.instance, e.input as QueryLogInput, this.policy)
         : accessLogRow(e.logId, this.instance, e.input as AccessLogInput, this.policy, e.madeAt);
-    e.line = JSON.stringify({ log: e.log, ...row });
-    return e.line;
+    return e.row;
   }
 }

@@ -5,9 +5,11 @@
  * - `enqueue()` is synchronous and O(1): a push onto an in-memory queue. Nothing else happens on
  *   the request path (formatting, JSON, I/O all happen in the batch).
  * - A batch (up to `batchSize` records; sent every `flushIntervalMs`, at once when `batchSize` are
- *   queued or a synchronous caller waits) is ONE statement: an INSERT … SELECT FROM
- *   json_populate_recordset(…) ON CONFLICT DO NOTHING (unique (instance, log_id)) into each log, so sending
- *   the same batch again (a replay, a retry after a timeout) writes every record exactly once.
+ *   queued or a synchronous caller waits) is ONE statement: an INSERT … SELECT FROM unnest(column
+ *   arrays) (live batches) or json_populate_recordset(JSON lines) (spool replay) ON CONFLICT DO
+ *   NOTHING (unique (instance, log_id)) into each log, so sending the same batch again (a replay,
+ *   a retry after a timeout) writes every record exactly once. JSON lines are made only when a
+ *   sink needs them (the spool, JSON lines, the rejected file).
  * - The database connection is the writer's own, as the auth role; it reconnects with backoff.
  * - If the database is down, a write fails, or it takes longer than `spoolAfterMs`, the batch is
  *   appended to the spool (fsync'd). While the spool holds records, new batches go to the spool
@@ -27,10 +29,10 @@ import fsp from 'node:fs/promises';
 import { ServerConnection, type ServerEndpoint } from '../server/server-connection.js';
 import type { Logger } from '../log/logger.js';
 import type { ControlCredentials } from '../trust/rules-store.js';
-import type { AuditEntry, EntryFormatter, LogKind } from './records.js';
+import { ACCESS_LOG_COLUMNS, QUERY_LOG_COLUMNS, type AuditEntry, type EntryFormatter, type LogKind } from './records.js';
 import type { LogIdGenerator } from './log-id.js';
 import { Spool, type SpoolRecord } from './spool.js';
-import { HIGH_WATER_SQL, INSERT_BATCH_SQL } from './audit-sql.js';
+import { HIGH_WATER_SQL, INSERT_BATCH_SQL, INSERT_COLUMNS_SQL } from './audit-sql.js';
 
 export type OverflowPolicy = 'refuse' | 'drop';
 
@@ -91,9 +93,47 @@ const LOUD_EVERY_MS = 5_000;
  */
 const isDataError = (code: string): boolean => (code.startsWith('22') || code.startsWith('23') || code === '42804') && code !== '23514';
 
+/**
+ * A record of a batch: a live one (its entry; the JSON line is made only if a sink needs it: the
+ * spool, the rejected file) or one read back from the spool (its line).
+ */
 interface Item {
   log: LogKind;
-  line: string;
+  entry?: AuditEntry;
+  line?: string;
+}
+
+const NEEDS_ESCAPE = /["\\]/;
+const ESCAPE = /["\\]/g;
+
+/** One element of a PostgreSQL array literal (text form) for a row value. */
+function arrayElement(v: unknown): string {
+  if (v === null || v === undefined) return 'NULL';
+  switch (typeof v) {
+    case 'number':
+      return Number.isFinite(v) ? String(v) : 'NULL';
+    case 'boolean':
+      return v ? 't' : 'f';
+    case 'string':
+      return NEEDS_ESCAPE.test(v) ? `"${v.replace(ESCAPE, '\\$&')}"` : `"${v}"`;
+    default: {
+      // jsonb values (rule, params)
+      const j = JSON.stringify(v);
+      return NEEDS_ESCAPE.test(j) ? `"${j.replace(ESCAPE, '\\$&')}"` : `"${j}"`;
+    }
+  }
+}
+
+const QUERY_COLUMN_NAMES = QUERY_LOG_COLUMNS.map((c) => c[1]);
+const ACCESS_COLUMN_NAMES = ACCESS_LOG_COLUMNS.map((c) => c[1]);
+
+/** The parameters of INSERT_COLUMNS_SQL: one array literal per column of each log. */
+function columnArrays(rows: Record<string, unknown>[], names: readonly string[], out: string[]): void {
+  for (const name of names) {
+    let s = '{';
+    for (let i = 0; i < rows.length; i++) s += (i === 0 ? '' : ',') + arrayElement(rows[i][name]);
+    out.push(s + '}');
+  }
 }
 
 export class AuditWriter extends EventEmitter {
@@ -372,7 +412,7 @@ export class AuditWriter extends EventEmitter {
 
   /** Database, else spool, else (spool failing) database anyway; false when both failed. */
   private async writeLive(batch: AuditEntry[]): Promise<boolean> {
-    const items: Item[] = batch.map((e) => ({ log: e.log, line: this.o.formatter.line(e) }));
+    const items: Item[] = batch.map((e) => ({ log: e.log, entry: e }));
     let triedDb = false;
     if (this.dbUp() && !this.spool?.pending) {
       triedDb = true;
@@ -384,7 +424,7 @@ export class AuditWriter extends EventEmitter {
     }
     if (this.spool && Date.now() >= this.spoolRetryAt) {
       try {
-        await this.spool.append(`${items.map((i) => i.line).join('\n')}\n`);
+        await this.spool.append(`${items.map((i) => this.lineOf(i)).join('\n')}\n`);
         this.stats.spooled += batch.length;
         this.settle(batch);
         return true;
@@ -496,11 +536,8 @@ export class AuditWriter extends EventEmitter {
   private async insert(items: Item[], timeoutMs: number): Promise<boolean> {
     const conn = this.conn;
     if (!conn || conn.closed) return false;
-    const q: string[] = [];
-    const a: string[] = [];
-    for (const i of items) (i.log === 'query' ? q : a).push(i.line);
     try {
-      const res = await conn.internalQuery(INSERT_BATCH_SQL, [`[${q.join(',')}]`, `[${a.join(',')}]`], timeoutMs);
+      const res = await conn.internalQuery(...this.insertStatement(items), timeoutMs);
       const row = res.rows[0] ?? [];
       const inserted = Number(row[0] ?? 0) + Number(row[1] ?? 0);
       this.lastInserted = inserted;
@@ -520,6 +557,31 @@ export class AuditWriter extends EventEmitter {
     }
   }
 
+  /** The JSON line of an item (made once; shared with the spool and JSON lines). */
+  private lineOf(i: Item): string {
+    return (i.line ??= this.o.formatter.line(i.entry!));
+  }
+
+  /**
+   * Live records go as column arrays (INSERT_COLUMNS_SQL: cheaper for PostgreSQL, and no JSON line
+   * is made); records read back from the spool as the JSON lines they are (INSERT_BATCH_SQL).
+   */
+  private insertStatement(items: Item[]): [string, string[]] {
+    if (items.every((i) => i.entry !== undefined)) {
+      const q: Record<string, unknown>[] = [];
+      const a: Record<string, unknown>[] = [];
+      for (const i of items) (i.log === 'query' ? q : a).push(this.o.formatter.row(i.entry!));
+      const params: string[] = [];
+      columnArrays(q, QUERY_COLUMN_NAMES, params);
+      columnArrays(a, ACCESS_COLUMN_NAMES, params);
+      return [INSERT_COLUMNS_SQL, params];
+    }
+    const q: string[] = [];
+    const a: string[] = [];
+    for (const i of items) (i.log === 'query' ? q : a).push(this.lineOf(i));
+    return [INSERT_BATCH_SQL, [`[${q.join(',')}]`, `[${a.join(',')}]`]];
+  }
+
   /** A batch with an invalid record: each alone, so one bad record cannot block the others. */
   private async insertOneByOne(items: Item[], timeoutMs: number): Promise<boolean> {
     let stored = 0;
@@ -536,7 +598,7 @@ export class AuditWriter extends EventEmitter {
     let file: string | null = null;
     if (this.o.spoolDir) {
       file = path.join(this.o.spoolDir, `${this.spool!.name}.rejected.jsonl`);
-      await fsp.appendFile(file, `${items.map((i) => i.line).join('\n')}\n`, { mode: 0o600 }).catch(() => (file = null));
+      await fsp.appendFile(file, `${items.map((i) => this.lineOf(i)).join('\n')}\n`, { mode: 0o600 }).catch(() => (file = null));
     }
     this.loud('reject', `audit records refused by the database as invalid: ${err.message}`, { rejected: items.length, keptIn: file });
   }

@@ -204,3 +204,40 @@ describe('audit configuration', () => {
     assert.equal(resolveAuditSettings(parseConfig({ ...base, audit: { enabled: true, database: false, json_lines: { path: '-' } } }), creds).database, null);
   });
 });
+
+it('fingerprints cached by shape equal the parser fingerprint of each text', async () => {
+  const { loadSqlParser } = await import('../../src/sql/classify.js');
+  await loadSqlParser();
+  const { fingerprintSync } = await import('libpg-query');
+  const reference = (sql: string) => fingerprintSync(sql);
+  const texts = [
+    'SELECT abalance FROM pgbench_accounts WHERE aid = 1',
+    'SELECT abalance FROM pgbench_accounts WHERE aid = 99999',
+    'select * from t where a = 1 and b in (1, 2, 3)',
+    'select * from t where a = 1 and b in (1, 2)',
+    'SELECT 1',
+    'SELECT 2',
+    'SELECT 1, 2',
+    'select x::numeric(10,2) from t where y > 5',
+    'select x::numeric(12,4) from t where y > 7',
+    'select ARRAY[1,2,3]::int[]',
+    'insert into t values (1, 2), (3, 4)',
+    'insert into t values (1, 2)',
+    'update t set a = a + 1 where id = 42',
+    'delete from t where id = 7 returning *',
+    'with c as (select 1 as n) select n + 2 from c',
+    'values (1), (2)',
+    'select "t1"."c2" from "t1" where c3 = 4',
+    'select x::float(24) from t',
+    'select x::float(53) from t',
+    'select substring(s from 2 for 3) from t',
+    'select * from t limit 10 offset 20',
+    'select * from t order by 1, 2',
+    'select * from t order by 2, 1',
+    'select * from t group by 1',
+    'select $1::int + 3',
+  ];
+  for (const t of texts) {
+    assert.equal(statementFingerprint(t), reference(t), t);
+  }
+});
