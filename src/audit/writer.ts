@@ -328,7 +328,7 @@ export class AuditWriter extends EventEmitter {
     if (this.accepting_ === v) return;
     this.accepting_ = v;
     if (v) this.o.log.warn({ queued: this.queued }, 'audit queue below its limit again: accepting requests');
-    else this.o.log.error({ queued: this.queued, max: this.o.maxQueueRecords }, 'audit queue full (database and spool both failing): refusing new requests (audit.on_overflow: refuse)');
+    else this.o.log.error({ queued: this.queued, max: this.o.maxQueueRecords }, 'audit queue full (the database cannot take the records fast enough and the spool cannot take them): refusing new requests (audit.on_overflow: refuse)');
     this.emit('accepting', v);
   }
 
@@ -414,7 +414,11 @@ export class AuditWriter extends EventEmitter {
   private async writeLive(batch: AuditEntry[]): Promise<boolean> {
     const items: Item[] = batch.map((e) => ({ log: e.log, entry: e }));
     let triedDb = false;
-    if (this.dbUp() && !this.spool?.pending) {
+    // A database that commits each batch in time but cannot keep up with the load is slow too:
+    // past half of max_queue_records the backlog goes to the spool (replayed as load allows)
+    // instead of growing in memory until requests are refused.
+    const behind = this.spool !== null && this.queued + batch.length >= this.o.maxQueueRecords / 2 && Date.now() >= this.spoolRetryAt;
+    if (this.dbUp() && !this.spool?.pending && !behind) {
       triedDb = true;
       if (await this.insert(items, this.o.spoolAfterMs)) {
         this.noteLiveInsert(batch.length);

@@ -605,7 +605,7 @@ export class ClientSession implements PoolWaiter {
       this.requestLog.fromClient(type, buf, start, end);
       if ((type === Frontend.Query || type === Frontend.Parse) && !this.ctx.audit.accepting) {
         // audit.on_overflow: refuse — no request runs that could not be logged.
-        this.refuse(new PgError(SqlState.ConfigurationLimitExceeded, 'the audit log cannot take more records (database and spool unavailable); request refused', undefined, undefined, 'See SHOW AUDIT on the admin console.'), type === Frontend.Query);
+        this.refuse(new PgError(SqlState.ConfigurationLimitExceeded, 'the audit log cannot take more records now (its database is not keeping up and its spool is unavailable); request refused', undefined, undefined, 'See SHOW AUDIT on the admin console.'), type === Frontend.Query);
         return;
       }
     }
