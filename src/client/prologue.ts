@@ -87,73 +87,34 @@ export class ConnectionRefused extends Error {
 const ALPN_POSTGRESQL = 'postgresql';
 
 /**
- * Reads one startup-phase packet from `socket`, or — when `allowTls` and the first byte opens a
- * TLS record — the raw bytes read so far (direct TLS).
+ * Reads from `socket` (after `initial`) until `check` makes something of the bytes so far: a
+ * result, or a thrown error. Rejects with `ended()` if the socket ends first. Leaves the socket
+ * paused with nothing consumed beyond what `check` was given.
  */
-function readPacket(socket: Socket, allowTls: boolean): Promise<{ packet: Buffer; rest: Buffer | null } | { tls: Buffer }> {
+function readUntil<T>(socket: Socket, initial: Buffer | null, check: (bytes: Buffer) => T | undefined, ended: () => Error): Promise<T> {
   return new Promise((resolve, reject) => {
-    let acc: Buffer | null = null;
-    const onData = (chunk: Buffer) => {
-      acc = acc ? Buffer.concat([acc, chunk]) : chunk;
-      if (allowTls && looksLikeTls(acc[0])) {
-        cleanup();
-        resolve({ tls: acc });
-        return;
-      }
-      let len: number;
+    let acc = initial ?? Buffer.alloc(0);
+    const attempt = (): boolean => {
+      let result: T | undefined;
       try {
-        len = startupPacketLength(acc);
+        result = check(acc);
       } catch (err) {
         cleanup();
         reject(err);
-        return;
+        return true;
       }
-      if (len === 0) {
-        if (acc.length > 10_000) {
-          cleanup();
-          reject(new StartupError('startup packet too long'));
-        }
-        return;
-      }
+      if (result === undefined) return false;
       cleanup();
-      resolve({ packet: acc.subarray(0, len), rest: acc.length > len ? acc.subarray(len) : null });
-    };
-    const onEnd = () => {
-      cleanup();
-      reject(new StartupError('connection closed before the startup packet was complete'));
-    };
-    const cleanup = () => {
-      socket.off('data', onData);
-      socket.off('end', onEnd);
-      socket.off('close', onEnd);
-      socket.pause();
-    };
-    socket.on('data', onData);
-    socket.once('end', onEnd);
-    socket.once('close', onEnd);
-    socket.resume();
-  });
-}
-
-/** Reads until `initial` + more bytes hold a whole ClientHello; rejects for anything else. */
-function readClientHello(socket: Socket, initial: Buffer | null): Promise<{ bytes: Buffer; serverName: string | null; alpn: string[] }> {
-  return new Promise((resolve, reject) => {
-    let acc = initial ?? Buffer.alloc(0);
-    const check = (): boolean => {
-      const r = parseClientHello(acc);
-      if (r.kind === 'incomplete') return false;
-      cleanup();
-      if (r.kind === 'not-tls') reject(new ConnectionRefused(`expected a TLS ClientHello: ${r.reason}`));
-      else resolve({ bytes: acc, serverName: r.serverName, alpn: r.alpn });
+      resolve(result);
       return true;
     };
     const onData = (chunk: Buffer) => {
       acc = acc.length === 0 ? chunk : Buffer.concat([acc, chunk]);
-      check();
+      attempt();
     };
     const onEnd = () => {
       cleanup();
-      reject(new ConnectionRefused('connection closed before the TLS ClientHello was complete'));
+      reject(ended());
     };
     const cleanup = () => {
       socket.off('data', onData);
@@ -164,8 +125,44 @@ function readClientHello(socket: Socket, initial: Buffer | null): Promise<{ byte
     socket.on('data', onData);
     socket.once('end', onEnd);
     socket.once('close', onEnd);
-    if (!check()) socket.resume();
+    if (!(initial && attempt())) socket.resume();
   });
+}
+
+/**
+ * Reads one startup-phase packet from `socket`, or — when `allowTls` and the first byte opens a
+ * TLS record — the raw bytes read so far (direct TLS).
+ */
+function readPacket(socket: Socket, allowTls: boolean): Promise<{ packet: Buffer; rest: Buffer | null } | { tls: Buffer }> {
+  return readUntil(
+    socket,
+    null,
+    (acc) => {
+      if (allowTls && looksLikeTls(acc[0])) return { tls: acc };
+      const len = startupPacketLength(acc);
+      if (len === 0) {
+        if (acc.length > 10_000) throw new StartupError('startup packet too long');
+        return undefined;
+      }
+      return { packet: acc.subarray(0, len), rest: acc.length > len ? acc.subarray(len) : null };
+    },
+    () => new StartupError('connection closed before the startup packet was complete'),
+  );
+}
+
+/** Reads until `initial` + more bytes hold a whole ClientHello; rejects for anything else. */
+function readClientHello(socket: Socket, initial: Buffer | null): Promise<{ bytes: Buffer; serverName: string | null; alpn: string[] }> {
+  return readUntil(
+    socket,
+    initial,
+    (acc) => {
+      const r = parseClientHello(acc);
+      if (r.kind === 'incomplete') return undefined;
+      if (r.kind === 'not-tls') throw new ConnectionRefused(`expected a TLS ClientHello: ${r.reason}`);
+      return { bytes: acc, serverName: r.serverName, alpn: r.alpn };
+    },
+    () => new ConnectionRefused('connection closed before the TLS ClientHello was complete'),
+  );
 }
 
 function upgradeToTls(socket: Socket, options: PrologueOptions): Promise<tls.TLSSocket> {
