@@ -29,7 +29,6 @@
  * Needs pgbench. Every wait is bounded; all processes and temp dirs are cleaned up at the end, on
  * error and on SIGINT/SIGTERM.
  */
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -41,6 +40,7 @@ import {
   run, sleep, POSTGRES_SETTINGS, AUTH_DATABASE, startPostgres, installAuthQuery,
   prepareLauncher, launchKind, startGatewayChild, gatewayConfig, exited, type GatewayChild, type SharedOptions,
   runPgbench, pgbenchTarget, pgbenchEnv, pgbenchFailure, type PgbenchSummary,
+  gitState,
 } from './common.js';
 
 setLogTag('bench:audit');
@@ -177,15 +177,6 @@ function parseOptions(argv: string[]): Options {
 
 // ------------------------------------------------------------------ environment
 
-/** The code measured: HEAD and the files under src/ that differ from it (others may be editing). */
-function gitState(): { commit: string; dirtySrc: string[] } {
-  const head = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: ROOT, encoding: 'utf8' });
-  const st = spawnSync('git', ['status', '--porcelain', '--', 'src'], { cwd: ROOT, encoding: 'utf8' });
-  return {
-    commit: head.status === 0 ? head.stdout.trim() : 'unknown',
-    dirtySrc: st.status === 0 ? st.stdout.split('\n').filter(Boolean).map((l) => l.slice(3)) : [],
-  };
-}
 
 // ------------------------------------------------------------------ the database
 

@@ -5,6 +5,7 @@
  * running pgbench and reading its summary.
  */
 import { spawn, spawnSync, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import net from 'node:net';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -643,4 +644,38 @@ export function pgbenchFailure(r: PgbenchRun, maxErrorLines: number, maxChars: n
     .slice(0, maxErrorLines)
     .join(' | ');
   return `${r.exit.timedOut ? 'timed out; ' : ''}exit ${r.exit.code}: ${errLines || r.output.trim().split('\n').slice(-3).join(' | ')}`.slice(0, maxChars);
+}
+
+/** The code measured: HEAD and the files under src/ that differ from it (others may be editing). */
+export function gitState(): { commit: string; dirtySrc: string[] } {
+  const head = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: ROOT, encoding: 'utf8' });
+  const st = spawnSync('git', ['status', '--porcelain', '--', 'src'], { cwd: ROOT, encoding: 'utf8' });
+  return {
+    commit: head.status === 0 ? head.stdout.trim() : 'unknown',
+    dirtySrc: st.status === 0 ? st.stdout.split('\n').filter(Boolean).map((l) => l.slice(3)) : [],
+  };
+}
+
+export function tcpProbe(port: number, timeoutMs = 500): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port });
+    const done = (ok: boolean) => {
+      s.removeAllListeners();
+      s.destroy();
+      resolve(ok);
+    };
+    s.setTimeout(timeoutMs, () => done(false));
+    s.once('connect', () => done(true));
+    s.once('error', () => done(false));
+  });
+}
+
+export async function waitForPort(port: number, cp: ChildProcess, timeoutMs: number, what: string, tail: () => string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (exited(cp)) throw new Error(`${what} exited during startup (code ${cp.exitCode}):\n${tail()}`);
+    if (await tcpProbe(port)) return;
+    await sleep(100);
+  }
+  throw new Error(`${what} did not listen on port ${port} within ${timeoutMs} ms:\n${tail()}`);
 }

@@ -11,9 +11,8 @@
  * PgBouncer with apt-get when missing (root only). Every wait is bounded; all processes and temp
  * dirs are cleaned up at the end, on error and on SIGINT/SIGTERM.
  */
-import { spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
 import { findFreePort, type EmbeddedPostgres } from '../src/embedded/postgres.js';
@@ -27,6 +26,7 @@ import {
   POSTGRES_SETTINGS, startPostgres, installAuthQuery,
   prepareLauncher, launchKind, startGatewayChild, gatewayConfig, type GatewayChild, type ListeningChild, type SharedOptions,
   runPgbench, pgbenchTarget, pgbenchEnv, pgbenchFailure, type PgbenchSummary,
+  waitForPort,
 } from './common.js';
 
 // ------------------------------------------------------------------ options
@@ -148,29 +148,7 @@ function parseOptions(argv: string[]): Options {
 
 // ------------------------------------------------------------------ process plumbing
 
-function tcpProbe(port: number, timeoutMs = 500): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect({ host: '127.0.0.1', port });
-    const done = (ok: boolean) => {
-      s.removeAllListeners();
-      s.destroy();
-      resolve(ok);
-    };
-    s.setTimeout(timeoutMs, () => done(false));
-    s.once('connect', () => done(true));
-    s.once('error', () => done(false));
-  });
-}
 
-async function waitForPort(port: number, cp: ChildProcess, timeoutMs: number, what: string, tail: () => string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (exited(cp)) throw new Error(`${what} exited during startup (code ${cp.exitCode}):\n${tail()}`);
-    if (await tcpProbe(port)) return;
-    await sleep(100);
-  }
-  throw new Error(`${what} did not listen on port ${port} within ${timeoutMs} ms:\n${tail()}`);
-}
 
 function rssKiB(pid: number): number {
   const m = /^VmRSS:\s+(\d+)\s+kB/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));

@@ -30,9 +30,8 @@
  * Writes bench/results/tls-latest.{json,md}. Every wait is bounded; all processes and temp dirs
  * are cleaned up at the end, on error and on SIGINT/SIGTERM.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -43,6 +42,8 @@ import {
   run, sleep, exited, killChild, tailKeeper, track, spawnWithMaxOpenFiles, cpuSnapshot, foreignCpuPct,
   POSTGRES_SETTINGS, installAuthQuery, prepareLauncher, launchKind, startGatewayChild, gatewayConfig,
   type GatewayChild, type ListeningChild, type SharedOptions,
+  gitState,
+  waitForPort,
 } from './common.js';
 
 setLogTag('bench:tls');
@@ -135,15 +136,6 @@ function parseOptions(argv: string[]): Options {
 
 // ------------------------------------------------------------------ environment
 
-/** The code measured: HEAD and the files under src/ that differ from it (others may be editing). */
-function gitState(): { commit: string; dirtySrc: string[] } {
-  const head = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: ROOT, encoding: 'utf8' });
-  const st = spawnSync('git', ['status', '--porcelain', '--', 'src'], { cwd: ROOT, encoding: 'utf8' });
-  return {
-    commit: head.status === 0 ? head.stdout.trim() : 'unknown',
-    dirtySrc: st.status === 0 ? st.stdout.split('\n').filter(Boolean).map((l) => l.slice(3)) : [],
-  };
-}
 
 const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout?.trim()) || 100;
 
@@ -243,29 +235,7 @@ function postgresIdentity(): { uid: number; gid: number } | null {
   return { uid: Number(uid.stdout.trim()), gid: Number(gid.stdout.trim()) };
 }
 
-function tcpProbe(port: number, timeoutMs = 500): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect({ host: '127.0.0.1', port });
-    const done = (ok: boolean) => {
-      s.removeAllListeners();
-      s.destroy();
-      resolve(ok);
-    };
-    s.setTimeout(timeoutMs, () => done(false));
-    s.once('connect', () => done(true));
-    s.once('error', () => done(false));
-  });
-}
 
-async function waitForPort(port: number, cp: ChildProcess, timeoutMs: number, what: string, tail: () => string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (exited(cp)) throw new Error(`${what} exited during startup (code ${cp.exitCode}):\n${tail()}`);
-    if (await tcpProbe(port)) return;
-    await sleep(100);
-  }
-  throw new Error(`${what} did not listen on port ${port} within ${timeoutMs} ms:\n${tail()}`);
-}
 
 /** PgBouncer, session pool, SCRAM from the pg_authid verifier, TLS to clients (proxy cert) and to PostgreSQL (verify-full). */
 async function startPgbouncer(bin: string, tmp: string, db: EmbeddedPostgres, verifier: string, certs: Certs): Promise<ListeningChild> {
